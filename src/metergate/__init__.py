@@ -1,0 +1,24 @@
+"""metergate: meter API usage, enforce quotas and draw down prepaid credits in one atomic step."""
+
+from metergate.config import ConfigError, GatewayConfig, load_config, parse_config
+from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
+from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
+from metergate.meter import AsyncMeter, Meter
+
+__all__ = [
+    "AssetUsage",
+    "AsyncMeter",
+    "BalanceState",
+    "ConfigError",
+    "Conflict",
+    "Decision",
+    "GatewayConfig",
+    "InvalidAmount",
+    "Meter",
+    "NotFound",
+    "StorageUnavailable",
+    "Throttle",
+    "Ticket",
+    "load_config",
+    "parse_config",
+]

@@ -1,0 +1,1 @@
+"""The sans-I/O core: keys, admission plans, script arguments, replies and decisions."""

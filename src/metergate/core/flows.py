@@ -1,0 +1,646 @@
+"""Every metering operation as a sans-I/O flow: a generator that yields storage calls and gets replies.
+
+`Meter` and `AsyncMeter` drive these flows with a three-line sync or async loop (the model is
+httpx's `Auth.auth_flow`), so the logic exists once and never touches a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from metergate.config import (
+    LEVELS,
+    MAX_SAFE_INT,
+    BalanceConfig,
+    CustomerConfig,
+    GatewayConfig,
+    hash_api_key,
+)
+from metergate.core.errors import Conflict, InvalidAmount, NotFound
+from metergate.core.keys import Keys
+from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
+from metergate.core.plans import CompiledAsset, compile_plans
+from metergate.periods import period_window
+
+__all__ = ["Command", "Entitlement", "Flow", "MeterCore", "Script", "check_amount"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """Run one of the Lua scripts with its keys and arguments."""
+
+    name: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Run one plain Redis command (reads, and the writes outside any customer's slot)."""
+
+    args: tuple[str, ...]
+
+
+Flow = Generator[Script | Command, Any, T]
+
+KEYED_OP_TTL_S = 86_400
+AUTO_OP_TTL_S = 600
+LEDGER_LIMIT = 10_000
+
+
+def check_amount(value: object, field: str, *, signed: bool = False, positive: bool = False) -> int:
+    """Return `value` if it is an integer in the safe range (and sign); raise InvalidAmount otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidAmount(field, f"must be an integer, not {value!r}")
+    if abs(value) > MAX_SAFE_INT:
+        raise InvalidAmount(field, f"{value} is beyond the safe range of +/-(2^53 - 1)")
+    if not signed and value < 0:
+        raise InvalidAmount(field, f"must not be negative, got {value}")
+    if positive and value <= 0:
+        raise InvalidAmount(field, f"must be greater than 0, got {value}")
+    return value
+
+
+def _check_name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise InvalidAmount(field, "must be a non-empty string of at most 200 characters")
+    if any(ord(c) < 32 or c in "{}" for c in value):
+        raise InvalidAmount(field, "must not contain control characters or braces")
+    return value
+
+
+def _iso(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Entitlement:
+    """A customer's plan in effect, its period anchor and timezone, and the stored version."""
+
+    plan: str
+    anchor: datetime | None
+    timezone: str
+    version: str
+    windows: dict[str, tuple[int, int, str, str]] = field(default_factory=dict)
+
+    def window(self, period: str, now_s: float) -> tuple[int, int, str, str]:
+        """Return (start, end, start RFC 3339, end RFC 3339) of the period containing `now_s`."""
+        cached = self.windows.get(period)
+        if cached is not None and cached[0] <= now_s < cached[1]:
+            return cached
+        start, end = period_window(period, now_s, anchor=self.anchor, timezone=self.timezone)  # type: ignore[arg-type]
+        window = (start, end, _iso(start), _iso(end))
+        self.windows[period] = window
+        return window
+
+
+def _encode_rid(customer: str, balance: str) -> str:
+    raw = json.dumps([customer, balance, uuid.uuid4().hex[:16]], separators=(",", ":"))
+    return "rsv_" + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_rid(rid: str) -> tuple[str, str]:
+    try:
+        body = rid.removeprefix("rsv_")
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        customer, balance, _ = json.loads(raw)
+        return str(customer), str(balance)
+    except (ValueError, binascii.Error, TypeError) as exc:
+        raise NotFound(f"reservation {rid!r} does not exist") from exc
+
+
+_PROBLEM_DETAIL = {
+    "asset-suspended": "usage of '{metric}' is suspended",
+    "quota-exceeded": "'{metric}' has reached its limit for this period",
+    "rate-limited": "'{metric}' is throttled; retry after the given delay",
+    "insufficient-credits": "the balance cannot cover the price of this request",
+    "balance-suspended": "the balance to charge is suspended",
+    "idempotency-conflict": "this idempotency key was used with different parameters",
+}
+
+
+class MeterCore:
+    """All metering logic over one configuration; every public method returns a Flow."""
+
+    def __init__(self, config: GatewayConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.clock = clock
+        self.keys = Keys(config.storage.prefix, config.storage.partitions)
+        self.plans: dict[str, dict[str, CompiledAsset]] = compile_plans(config)
+        self._entitlements: dict[str, Entitlement] = {}
+        self._bootstrapped = False
+        default_lease_s = config.proxy.timeout_s + 60
+        self.default_lease_ms = default_lease_s * 1000
+
+    # -- customers -------------------------------------------------------------------------
+
+    def bootstrap(self) -> Flow[None]:
+        """Load the configured customers into storage without overwriting runtime changes."""
+        if self._bootstrapped:
+            return
+        for cid, customer in self.config.customers.items():
+            yield from self._put_customer(cid, customer, only_if_missing=True)
+        self._bootstrapped = True
+
+    def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
+        """Create or replace a customer's entitlement; create its missing balances and keys."""
+        yield from self.bootstrap()
+        yield from self._put_customer(customer, spec, only_if_missing=False)
+
+    def _put_customer(self, cid: str, spec: CustomerConfig, *, only_if_missing: bool) -> Flow[None]:
+        _check_name(cid, "customer")
+        ent = spec.entitlement
+        self._check_entitlement(ent.plan, ent.timezone)
+        anchor = ent.anchor.isoformat() if ent.anchor else ""
+        yield Script(
+            "customer",
+            (self.keys.customer(cid),),
+            (ent.plan, anchor, ent.timezone, "1" if only_if_missing else "0"),
+        )
+        yield Command(("SADD", self.keys.customers, cid))
+        for name, balance in spec.balances.items():
+            yield from self._create_balance(cid, name, balance)
+        for key_hash in spec.api_keys:
+            yield Command(("HSET", self.keys.api_keys, key_hash, cid))
+        self._entitlements.pop(cid, None)
+
+    def _check_entitlement(self, plan: str, timezone: str) -> None:
+        if plan not in self.plans:
+            raise InvalidAmount("entitlement.plan", f"plan '{plan}' is not defined")
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidAmount("entitlement.timezone", f"unknown timezone '{timezone}'") from None
+
+    def set_entitlement(
+        self,
+        customer: str,
+        plan: str,
+        anchor: datetime | None = None,
+        timezone: str | None = None,
+    ) -> Flow[None]:
+        """Change a customer's plan (effective now), anchor or timezone; the period usage stays."""
+        yield from self.bootstrap()
+        _check_name(customer, "customer")
+        current = yield from self.entitlement(customer)
+        tz = timezone or (current.timezone if current else "UTC")
+        self._check_entitlement(plan, tz)
+        if anchor is None and current is not None:
+            anchor = current.anchor
+        yield Script(
+            "customer",
+            (self.keys.customer(customer),),
+            (plan, anchor.isoformat() if anchor else "", tz, "0"),
+        )
+        yield Command(("SADD", self.keys.customers, customer))
+        self._entitlements.pop(customer, None)
+
+    def entitlement(self, customer: str) -> Flow[Entitlement | None]:
+        """Return the customer's entitlement (cached; the admission script checks the version)."""
+        cached = self._entitlements.get(customer)
+        if cached is not None:
+            return cached
+        fields = yield Command(("HGETALL", self.keys.customer(customer)))
+        if not fields or "plan" not in fields:
+            return None
+        anchor = datetime.fromisoformat(fields["anchor"]) if fields.get("anchor") else None
+        ent = Entitlement(fields["plan"], anchor, fields.get("tz") or "UTC", fields.get("ver", ""))
+        self._entitlements[customer] = ent
+        return ent
+
+    def customer_for_key(self, api_key: str) -> Flow[str | None]:
+        """Return the customer holding an API key (looked up by its hash), or None."""
+        yield from self.bootstrap()
+        found = yield Command(("HGET", self.keys.api_keys, hash_api_key(api_key)))
+        return str(found) if found else None
+
+    def add_api_key(self, customer: str, api_key: str) -> Flow[str]:
+        """Store the hash of a new API key for a customer and return the hash."""
+        digest = hash_api_key(api_key)
+        yield Command(("HSET", self.keys.api_keys, digest, customer))
+        return digest
+
+    def remove_api_key(self, key_hash: str) -> Flow[bool]:
+        """Revoke an API key by its hash; return whether it existed."""
+        removed = yield Command(("HDEL", self.keys.api_keys, key_hash))
+        return bool(removed)
+
+    # -- admissions ------------------------------------------------------------------------
+
+    def admit(
+        self,
+        customer: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+        *,
+        estimates: Mapping[str, int] | None = None,
+        hold_ttl_ms: int = 300_000,
+        lease_ttl_ms: int | None = None,
+    ) -> Flow[Decision]:
+        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        ops = {m: ("a", check_amount(v, f"amounts.{m}")) for m, v in amounts.items()}
+        for metric, estimate in (estimates or {}).items():
+            ops[metric] = ("e", check_amount(estimate, f"estimates.{metric}"))
+        if not ops:
+            raise InvalidAmount("amounts", "name at least one metric")
+        return (
+            yield from self._apply(
+                customer,
+                ops,
+                idempotency_key,
+                hold_ttl_ms=hold_ttl_ms,
+                lease_ttl_ms=lease_ttl_ms or self.default_lease_ms,
+            )
+        )
+
+    def record(
+        self, customer: str, metric: str, value: int, idempotency_key: str | None = None
+    ) -> Flow[Decision]:
+        """Record usage outside a request: add, set (Gauge), running total or signed delta."""
+        kind = self._metric_kind(metric)
+        check_amount(value, "value", signed=kind == "UpDownCounter")
+        return (yield from self._apply(customer, {metric: ("r", value)}, idempotency_key))
+
+    def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Flow[Decision]:
+        """Settle what an admission left open: record actual units of estimates, end leases."""
+        actuals = dict(actuals or {})
+        ops: dict[str, tuple[str, int]] = {}
+        for metric, estimate in ticket.estimated.items():
+            actual = actuals.pop(metric, estimate)
+            ops[metric] = ("s", check_amount(actual, f"actuals.{metric}"))
+        for metric in ticket.leased:
+            ops[metric] = ("x", 0)
+        if actuals:
+            raise InvalidAmount(f"actuals.{next(iter(actuals))}", "was not held by this admission")
+        if not ops:
+            return Decision(True, 200, None, ticket.customer)
+        return (
+            yield from self._apply(
+                ticket.customer,
+                ops,
+                None,
+                op_id="s:" + ticket.hold_id,
+                hold_id=ticket.hold_id,
+                plan_name=ticket.plan,
+            )
+        )
+
+    def _metric_kind(self, metric: str) -> str:
+        spec = self.config.metrics.get(metric)
+        if spec is None:
+            raise NotFound(f"metric '{metric}' is not defined")
+        return spec.type
+
+    def _apply(
+        self,
+        customer: str,
+        ops: Mapping[str, tuple[str, int]],
+        idempotency_key: str | None,
+        *,
+        op_id: str | None = None,
+        hold_id: str | None = None,
+        plan_name: str | None = None,
+        hold_ttl_ms: int = 300_000,
+        lease_ttl_ms: int | None = None,
+    ) -> Flow[Decision]:
+        yield from self.bootstrap()
+        if op_id is None:
+            op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
+        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
+        hold_id = hold_id or op_id
+        fingerprint = "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items()))
+        for _attempt in range(3):
+            ent = yield from self.entitlement(customer)
+            if ent is None:
+                return Decision(
+                    False, 401, "unauthenticated", customer, detail=f"unknown customer '{customer}'"
+                )
+            plan = self.plans.get(plan_name or ent.plan, {})
+            missing = [m for m in ops if m not in plan]
+            if missing:
+                return Decision(
+                    False,
+                    403,
+                    "not-entitled",
+                    customer,
+                    metric=missing[0],
+                    detail=f"plan '{ent.plan}' has no configuration for metric '{missing[0]}'",
+                )
+            now_s = self.clock()
+            now_ms = int(now_s * 1000)
+            assets = [plan[m] for m in ops]
+            balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
+            keys = [
+                self.keys.operation(customer, op_id),
+                self.keys.outbox(self.keys.partition(customer)),
+                self.keys.customer(customer),
+                self.keys.ledger(customer),
+            ]
+            args = [
+                str(now_ms),
+                op_id,
+                fingerprint,
+                str(ttl),
+                customer,
+                "" if plan_name else ent.version,
+                hold_id,
+                str(now_ms + (lease_ttl_ms or hold_ttl_ms)),
+                str(len(assets)),
+                str(len(balances)),
+                *balances,
+            ]
+            windows: list[tuple[int, int] | None] = []
+            for asset in assets:
+                keys += self.keys.asset(customer, asset.metric)
+                mode, amount = ops[asset.metric]
+                if asset.period:
+                    ps, pe, ps_iso, pe_iso = ent.window(asset.period, now_s)
+                    windows.append((ps, pe))
+                    period_args = [str(ps * 1000), str(pe * 1000), ps_iso, pe_iso]
+                else:
+                    windows.append(None)
+                    period_args = ["0", "0", "", ""]
+                args += [
+                    asset.metric,
+                    asset.kind,
+                    mode,
+                    str(amount),
+                    *period_args,
+                    str(balances.index(asset.balance) + 1 if asset.balance else 0),
+                    str(len(asset.tiers)),
+                    *asset.tier_args,
+                ]
+            for name in balances:
+                keys += self.keys.balance(customer, name)
+            reply = yield Script("admit", tuple(keys), tuple(args))
+            if reply[0] == "stale":
+                self._entitlements.pop(customer, None)
+                continue
+            leased = {m: v for m, (mode, v) in ops.items() if mode == "a" and plan[m].kind == "U"}
+            estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
+            ticket = None
+            if leased or estimated:
+                ticket = Ticket(customer, plan_name or ent.plan, hold_id, estimated, leased)
+            return _decision(customer, assets, windows, balances, reply, now_s, ticket)
+        raise RuntimeError(f"the entitlement of '{customer}' keeps changing; try again")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def usage(self, customer: str, metric: str) -> Flow[AssetUsage]:
+        """Return one asset's usage: value, level, policy, period, limit, remaining, overage."""
+        yield from self.bootstrap()
+        self._metric_kind(metric)
+        ent = yield from self.entitlement(customer)
+        if ent is None:
+            raise NotFound(f"customer '{customer}' does not exist")
+        asset = self.plans[ent.plan].get(metric)
+        if asset is None:
+            raise NotFound(f"plan '{ent.plan}' has no configuration for metric '{metric}'")
+        now_s = self.clock()
+        akey, axkey = self.keys.asset(customer, metric)
+        reply = yield Script(
+            "asset",
+            (self.keys.outbox(self.keys.partition(customer)), self.keys.customer(customer), akey, axkey),
+            (str(int(now_s * 1000)), customer, "read", metric, asset.kind, ""),
+        )
+        stored_ps, value, pending, level, overage = (int(x) for x in reply[:5])
+        window = None
+        if asset.period:
+            ps, pe, _, _ = ent.window(asset.period, now_s)
+            window = (ps, pe)
+            if asset.kind in "CT" and stored_ps < ps * 1000:
+                value, level, overage = 0, 0, 0
+        return _usage(asset, value, pending, level, overage, reply[5] == "1", window, -1)
+
+    def suspend_asset(self, customer: str, metric: str, *, resume: bool = False) -> Flow[AssetUsage]:
+        """Suspend (or resume) one asset: admissions on it are refused with 403 until resumed."""
+        yield from self.bootstrap()
+        ent = yield from self.entitlement(customer)
+        if ent is None:
+            raise NotFound(f"customer '{customer}' does not exist")
+        kind = self._metric_kind(metric)
+        akey, axkey = self.keys.asset(customer, metric)
+        yield Script(
+            "asset",
+            (self.keys.outbox(self.keys.partition(customer)), self.keys.customer(customer), akey, axkey),
+            (
+                str(int(self.clock() * 1000)),
+                customer,
+                "resume" if resume else "suspend",
+                metric,
+                kind,
+                "admin",
+            ),
+        )
+        return (yield from self.usage(customer, metric))
+
+    def ledger(self, customer: str, limit: int = 100) -> Flow[list[dict[str, Any]]]:
+        """Return the customer's balance mutations, newest first."""
+        check_amount(limit, "limit", positive=True)
+        rows = yield Command(("LRANGE", self.keys.ledger(customer), "0", str(min(limit, LEDGER_LIMIT) - 1)))
+        return [json.loads(row) for row in rows]
+
+    # -- balances --------------------------------------------------------------------------
+
+    def _create_balance(self, customer: str, name: str, spec: BalanceConfig) -> Flow[BalanceState]:
+        _check_name(name, "balance")
+        low = "" if spec.low_at is None else str(spec.low_at)
+        return (
+            yield from self._balance_op(
+                customer,
+                name,
+                "create",
+                spec.amount,
+                extra=(spec.unit, str(spec.overage), low),
+                op_id=f"create:{name}",
+            )
+        )
+
+    def create_balance(self, customer: str, name: str, spec: BalanceConfig) -> Flow[BalanceState]:
+        """Create a balance with its starting amount, or update the settings of an existing one."""
+        yield from self.bootstrap()
+        return (yield from self._create_balance(customer, name, spec))
+
+    def balance_op(
+        self,
+        customer: str,
+        name: str,
+        op: str,
+        amount: int = 0,
+        idempotency_key: str | None = None,
+    ) -> Flow[BalanceState]:
+        """Apply topup, withdraw, suspend, resume or read to a balance, once per operation id."""
+        yield from self.bootstrap()
+        if op in ("topup", "withdraw"):
+            check_amount(amount, "amount", positive=True)
+        return (yield from self._balance_op(customer, name, op, amount, idempotency_key))
+
+    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> Flow[tuple[str, int]]:
+        """Hold `amount` on a balance for `ttl_s` seconds; return (reservation id, expiry epoch s)."""
+        yield from self.bootstrap()
+        check_amount(amount, "amount", positive=True)
+        check_amount(ttl_s, "ttl_s", positive=True)
+        rid = _encode_rid(customer, name)
+        expires_ms = int(self.clock() * 1000) + ttl_s * 1000
+        yield from self._balance_op(customer, name, "reserve", amount, rid=rid, expiry_ms=expires_ms)
+        return rid, math.ceil(expires_ms / 1000)
+
+    def close_reservation(self, rid: str, op: str, amount: int = 0) -> Flow[BalanceState]:
+        """Commit (charge `amount`, release the rest) or release a reservation, exactly once."""
+        yield from self.bootstrap()
+        customer, name = _decode_rid(rid)
+        if op == "commit":
+            check_amount(amount, "amount")
+        return (yield from self._balance_op(customer, name, op, amount, rid=rid, op_id=f"{op}:{rid}"))
+
+    def _balance_op(
+        self,
+        customer: str,
+        name: str,
+        op: str,
+        amount: int,
+        idempotency_key: str | None = None,
+        *,
+        rid: str = "",
+        expiry_ms: int = 0,
+        extra: tuple[str, str, str] = ("", "0", ""),
+        op_id: str | None = None,
+    ) -> Flow[BalanceState]:
+        if op_id is None:
+            op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
+        bkey, bxkey = self.keys.balance(customer, name)
+        reply = yield Script(
+            "balance",
+            (
+                self.keys.operation(customer, op_id),
+                self.keys.outbox(self.keys.partition(customer)),
+                self.keys.customer(customer),
+                self.keys.ledger(customer),
+                bkey,
+                bxkey,
+            ),
+            (
+                str(int(self.clock() * 1000)),
+                op_id,
+                f"{op}:{name}:{amount}",
+                str(KEYED_OP_TTL_S),
+                customer,
+                op,
+                name,
+                str(amount),
+                rid,
+                str(expiry_ms),
+                *extra,
+            ),
+        )
+        status, slug = reply[0], reply[1]
+        if status == "404":
+            raise NotFound(f"balance '{name}' of customer '{customer}' does not exist")
+        if status == "409":
+            messages = {
+                "insufficient-credits": f"withdrawing {amount} would take '{name}' below 0",
+                "reservation-closed": f"reservation {rid} was already committed, released or expired",
+                "idempotency-conflict": "this idempotency key was used with different parameters",
+            }
+            raise Conflict(slug, messages.get(slug, slug))
+        state = BalanceState(
+            name=name,
+            amount=int(reply[2]),
+            held=int(reply[3]),
+            available=int(reply[4]),
+            overage=int(reply[5]),
+            unit=reply[7],
+            suspended=reply[6] == "1",
+            low_at=int(reply[8]) if reply[8] else None,
+        )
+        if status != "200":
+            raise Conflict(slug, _PROBLEM_DETAIL.get(slug, slug), status=int(status), state=state)
+        return state
+
+
+def _usage(
+    asset: CompiledAsset,
+    value: int,
+    pending: int,
+    level: int,
+    overage: int,
+    suspended: bool,
+    window: tuple[int, int] | None,
+    throttle_remaining: int,
+) -> AssetUsage:
+    tier = asset.tier_index(value)
+    limit = asset.limits[tier]
+    remaining = None if limit is None else max(0, limit - value - pending)
+    throttle = None
+    rate = asset.tiers[tier].rate
+    if rate is not None and throttle_remaining >= 0:
+        throttle = Throttle(rate.limit, max(1, rate.per // 1000), throttle_remaining)
+    return AssetUsage(
+        metric=asset.metric,
+        value=value,
+        pending=pending,
+        level=LEVELS[level],
+        policy=asset.tiers[tier].policy,
+        limit=limit,
+        remaining=remaining,
+        overage=overage,
+        suspended=suspended,
+        period_start=window[0] if window else None,
+        period_end=window[1] if window else None,
+        throttle=throttle,
+    )
+
+
+def _decision(
+    customer: str,
+    assets: list[CompiledAsset],
+    windows: list[tuple[int, int] | None],
+    balances: list[str],
+    reply: list[str],
+    now_s: float,
+    ticket: Ticket | None,
+) -> Decision:
+    status = int(reply[0])
+    slug = reply[1] or None
+    if status == 409:
+        return Decision(False, 409, slug, customer, detail=_PROBLEM_DETAIL[str(slug)])
+    retry_ms, refused = int(reply[2]), int(reply[3])
+    n = int(reply[4])
+    usages: dict[str, AssetUsage] = {}
+    top = 0
+    for i in range(n):
+        v, pend, lvl, _tier, ovg, thr, susp = reply[5 + 7 * i : 12 + 7 * i]
+        usage = _usage(
+            assets[i], int(v), int(pend), int(lvl), int(ovg), susp == "1", windows[i], int(thr)
+        )
+        usages[assets[i].metric] = usage
+        top = max(top, int(lvl))
+    base = 5 + 7 * n
+    available = {name: int(reply[base + 1 + 3 * j]) for j, name in enumerate(balances)}
+    metric = assets[refused - 1].metric if refused else None
+    detail = _PROBLEM_DETAIL.get(slug or "", "").format(metric=metric) or None
+    retry = None if retry_ms < 0 else max(1, math.ceil(retry_ms / 1000))
+    return Decision(
+        allowed=status == 200,
+        status=status,
+        problem=slug,
+        customer=customer,
+        level=LEVELS[top],
+        retry_after=retry,
+        metric=metric,
+        detail=detail,
+        assets=usages,
+        balances=available,
+        ticket=ticket if status == 200 else None,
+    )

@@ -1,0 +1,60 @@
+"""Redis key names: every key of one customer carries its partition's hash tag (one Cluster slot)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds the key names under one prefix, partitioning customers into `partitions` slots."""
+
+    prefix: str = "mg"
+    partitions: int = 64
+
+    def partition(self, customer: str) -> int:
+        """Return the partition number of a customer (stable across processes and restarts)."""
+        return zlib.crc32(customer.encode()) % self.partitions
+
+    def tag(self, customer: str) -> str:
+        """Return the hash-tagged stem shared by all keys of the customer's partition."""
+        return f"{{{self.prefix}:p{self.partition(customer)}}}"
+
+    def outbox(self, partition: int) -> str:
+        """Return the outbox stream of one partition."""
+        return f"{{{self.prefix}:p{partition}}}:outbox"
+
+    def customer(self, customer: str) -> str:
+        """Return the hash holding a customer's entitlement, version and event sequence."""
+        return f"{self.tag(customer)}:c:{customer}"
+
+    def ledger(self, customer: str) -> str:
+        """Return the list of a customer's balance mutations, newest first."""
+        return f"{self.tag(customer)}:ledger:{customer}"
+
+    def operation(self, customer: str, op_id: str) -> str:
+        """Return the record of one operation id, scoped to the customer."""
+        return f"{self.tag(customer)}:op:{customer}:{op_id}"
+
+    def asset(self, customer: str, metric: str) -> tuple[str, str]:
+        """Return an asset's state hash and the zset of its pending holds and leases."""
+        stem = f"{self.tag(customer)}:a:{customer}:{metric}"
+        return stem, stem + ":x"
+
+    def balance(self, customer: str, name: str) -> tuple[str, str]:
+        """Return a balance's hash and the zset of its holds' expiries."""
+        stem = f"{self.tag(customer)}:b:{customer}:{name}"
+        return stem, stem + ":x"
+
+    @property
+    def api_keys(self) -> str:
+        """Return the hash mapping API key hashes to customers (outside any customer's slot)."""
+        return f"{self.prefix}:api-keys"
+
+    @property
+    def customers(self) -> str:
+        """Return the set of every customer id."""
+        return f"{self.prefix}:customers"

@@ -1,0 +1,382 @@
+-- admit: decide and record one atomic batch of asset operations for one customer, all or nothing.
+--
+-- KEYS: 1 operation record, 2 partition outbox stream, 3 customer hash, 4 customer ledger list,
+--       then per asset i: asset hash, asset expiry zset (pending holds and leases),
+--       then per balance j: balance hash, hold expiry zset.
+-- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
+--       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold/lease expiry (epoch ms),
+--       9 asset count n, 10 balance count m, then m balance names,
+--       then per asset: metric, type (C cumulative, T total, G gauge, U up-down),
+--         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease), amount,
+--         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
+--         balance index (0 = none), tier count, then per tier: from, level index,
+--         policy (N notify, O overage, G grace, R rate limit, D deny, S suspend), grace,
+--         rate limit, rate period ms, price per_unit, price per, price base.
+-- Units: amounts are integers of the metric's unit; prices integers of the balance's minor unit.
+-- Reply: strings: status ('200', '402', '403', '409', '429', or 'stale' when the entitlement
+--   version changed), problem slug, retry-after ms (-1 none), index of the refused asset (0 none),
+--   n, per asset: value, pending, level index, tier index, overage, throttle remaining (-1 none),
+--   suspended (0/1); then m, per balance: available, amount, held.
+-- Facts (T and G records, settlements, lease ends) are never refused: their consequences
+-- (levels, suspension, charges, even past a balance's floor) are recorded.
+
+local now = int(ARGV[1])
+if not now then return bad('now', 'not an integer') end
+local op_id, fp, customer, ver, rid = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7]
+local ttl, hold_exp, n, m = int(ARGV[4]), int(ARGV[8]), int(ARGV[9]), int(ARGV[10])
+if not ttl or not hold_exp or not n or not m then return bad('header', 'not an integer') end
+local outbox, cust_key, ledger_key = KEYS[2], KEYS[3], KEYS[4]
+
+local prior = replay(KEYS[1], fp)
+if prior then return prior end
+if ver ~= '' and redis.call('HGET', cust_key, 'ver') ~= ver then return {'stale'} end
+
+-- Parse and validate everything before the first write: Redis has no rollback.
+local p = 11
+local bal = {}
+for j = 1, m do
+  bal[j] = {name = ARGV[p], key = KEYS[4 + 2 * n + 2 * j - 1], xkey = KEYS[4 + 2 * n + 2 * j],
+    charge = 0, hold = 0}
+  p = p + 1
+end
+local assets = {}
+for i = 1, n do
+  local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
+    ps = int(ARGV[p + 4]), pe = int(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
+    bi = int(ARGV[p + 8]), nt = int(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
+    tiers = {}, tat = {}}
+  if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
+  if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 then
+    return bad('asset', 'malformed arguments for ' .. a.metric)
+  end
+  local signed = (a.kind == 'U' and a.mode == 'r')
+  if a.amount < 0 and not signed then return bad('amount', 'negative for ' .. a.metric) end
+  p = p + 10
+  for k = 1, a.nt do
+    local t = {from = int(ARGV[p]), level = int(ARGV[p + 1]), policy = ARGV[p + 2],
+      grace = int(ARGV[p + 3]), limit = int(ARGV[p + 4]), per = int(ARGV[p + 5]),
+      pu = int(ARGV[p + 6]), pper = int(ARGV[p + 7]), base = int(ARGV[p + 8])}
+    if not (t.from and t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
+      or t.pper < 1 then
+      return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
+    end
+    a.tiers[k] = t
+    p = p + 9
+  end
+  assets[i] = a
+end
+
+local function tier_of(tiers, v)
+  local k = 1
+  for i = 2, #tiers do
+    if tiers[i].from < v then k = i else break end
+  end
+  return k
+end
+
+local function units_in(tiers, k, v)
+  local lo = tiers[k].from
+  local u = v - lo
+  if u < 0 then return 0 end
+  if tiers[k + 1] and v > tiers[k + 1].from then u = tiers[k + 1].from - lo end
+  return u
+end
+
+-- ceil(u * pu / per) without forming a product beyond 2^53: split u into whole `per` blocks.
+local function cost(u, pu, per)
+  local whole = math.floor(u / per)
+  local rest = u - whole * per
+  return whole * pu + math.ceil(rest * pu / per)
+end
+
+-- Credits for moving the recorded value from `v0` to `v1`, with the base of each tier entered for
+-- the first time this period (flags are set only when `commit_base`).
+local function price(a, v0, v1, commit_base)
+  local total = 0
+  for k = 1, a.nt do
+    local t = a.tiers[k]
+    local u0, u1 = units_in(a.tiers, k, v0), units_in(a.tiers, k, v1)
+    if u1 > u0 then
+      total = total + cost(u1, t.pu, t.pper) - cost(u0, t.pu, t.pper)
+      if t.base > 0 and u1 > 0 and a.base_flags[k] ~= a.ps then
+        total = total + t.base
+        if commit_base then a.base_set[#a.base_set + 1] = k end
+      end
+    end
+  end
+  return total
+end
+
+local function awo_units(a, v0, v1)
+  local total = 0
+  for k = 1, a.nt do
+    if a.tiers[k].policy == 'O' then
+      total = total + units_in(a.tiers, k, v1) - units_in(a.tiers, k, v0)
+    end
+  end
+  return total
+end
+
+local function retry_to_end(a)
+  if a.kind == 'U' then return 1000 end
+  if a.kind == 'G' or a.pe == 0 then return -1 end
+  return a.pe - now
+end
+
+-- Check the tiers that units moving the value from `before` to `after` would enter.
+-- Returns status, slug, retry-after ms for a refusal; records a SuspendUsage crossing in a.suspend.
+local function evaluate(a, before, after, facts)
+  if after <= before then return nil end
+  local k1, k2 = tier_of(a.tiers, before + 1), tier_of(a.tiers, after)
+  for k = k1, k2 do
+    local t = a.tiers[k]
+    local pol = t.policy
+    if pol == 'S' and after > t.from then
+      a.suspend = k
+      if not facts then return '403', 'asset-suspended', -1 end
+    elseif not facts then
+      if pol == 'D' and after > t.from then
+        return '429', 'quota-exceeded', retry_to_end(a)
+      elseif pol == 'G' and after > t.from + t.grace then
+        return '429', 'quota-exceeded', retry_to_end(a)
+      elseif pol == 'R' then
+        local hi = after
+        if a.tiers[k + 1] and hi > a.tiers[k + 1].from then hi = a.tiers[k + 1].from end
+        local u = hi - math.max(before, t.from)
+        local interval = t.per / t.limit
+        local tat = math.max(tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0'), now)
+        local new_tat = tat + u * interval
+        local over = new_tat - now - t.limit * interval
+        if over > 1e-6 then
+          if u > t.limit then return '429', 'rate-limited', -1 end
+          return '429', 'rate-limited', math.ceil(over)
+        end
+        a.tat[k] = new_tat
+      end
+    end
+  end
+  return nil
+end
+
+-- Release expired holds and leases; load each asset's state for the current period.
+for i = 1, n do
+  local a = assets[i]
+  local h = redis.call('HMGET', a.key, 'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak')
+  a.v, a.pend, a.lvl = tonumber(h[2] or '0'), tonumber(h[3] or '0'), tonumber(h[4] or '0')
+  a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
+  a.last, a.peak = tonumber(h[7] or '0'), tonumber(h[8] or '0')
+  local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
+  for d = 1, #due do
+    if redis.call('ZREM', a.xkey, due[d]) == 1 then
+      local x = tonumber(redis.call('HGET', a.key, 'x:' .. due[d]) or '0')
+      redis.call('HDEL', a.key, 'x:' .. due[d])
+      if a.kind == 'U' then a.v = a.v - x else a.pend = a.pend - x end
+      a.expired = true
+    end
+  end
+  a.stored_ps = tonumber(h[1] or '-1')
+  if a.kind == 'C' or a.kind == 'T' or (a.kind == 'G' and a.pe > 0) then
+    if a.ps > a.stored_ps then
+      a.rollover = true
+      if a.kind ~= 'G' then a.v, a.ovg, a.lvl = 0, 0, 0 end
+      a.peak = 0
+    elseif a.ps < a.stored_ps then
+      a.ps = a.stored_ps -- a gateway with a lagging clock never reopens a closed period
+    end
+  end
+  a.base_flags, a.base_set = {}, {}
+  for k = 1, a.nt do
+    a.base_flags[k] = tonumber(redis.call('HGET', a.key, 'base' .. k) or '-1')
+  end
+end
+for j = 1, m do
+  local b = bal[j]
+  b.exists = redis.call('EXISTS', b.key) == 1
+  b.held = expire_holds(b.key, b.xkey, b.name, now, outbox, cust_key, customer, ledger_key)
+  b.amt, b.ovg = hint(b.key, 'amt'), hint(b.key, 'ovg')
+  b.susp = redis.call('HGET', b.key, 'susp') == '1'
+end
+
+-- Decide.
+local status, slug, retry, refused = '200', '', -1, 0
+local facts = true
+for i = 1, n do
+  local a = assets[i]
+  local mode, kind = a.mode, a.kind
+  local is_fact = mode == 's' or mode == 'x' or (mode == 'r' and (kind == 'T' or kind == 'G'))
+  a.facts = is_fact
+  if not is_fact then facts = false end
+  -- the recorded delta (d), and the span checked against the tiers (before -> after)
+  local d, before, after = 0, a.v + a.pend, a.v + a.pend
+  if kind == 'T' and mode == 'r' then
+    d = a.amount - a.last
+    if a.amount < a.last then d = a.amount end
+    after = before + d
+  elseif kind == 'G' then
+    if mode == 'r' then after = a.amount; before = a.v else after = a.v + a.amount end
+  elseif mode == 'x' then
+    d = -tonumber(redis.call('HGET', a.key, 'x:' .. rid) or '0')
+    after = before + d
+  elseif mode == 'e' then
+    after = before + a.amount
+  else
+    d = a.amount
+    after = before + d
+  end
+  a.d = d
+  if status == '200' and a.susp and not is_fact then
+    status, slug, refused = '403', 'asset-suspended', i
+  end
+  local s, sl, r = evaluate(a, before, after, is_fact)
+  if s and status == '200' then status, slug, retry, refused = s, sl, r, i end
+  if a.bi > 0 and (kind == 'C' or kind == 'T') then
+    local b = bal[a.bi]
+    if mode == 's' then b.settles = true end
+    if mode == 'e' then
+      b.hold = b.hold + price(a, before, after, false)
+    elseif d > 0 then
+      b.charge = b.charge + price(a, a.v, a.v + d, true)
+    end
+    b.used = true
+  end
+end
+if status == '200' then
+  for j = 1, m do
+    local b = bal[j]
+    if b.used and not b.exists and not facts then
+      status, slug = '402', 'insufficient-credits'
+    elseif b.used and b.susp and not facts then
+      status, slug = '403', 'balance-suspended'
+    elseif not facts and b.amt - b.held - b.charge - b.hold < -b.ovg
+      and (b.charge > 0 or b.hold > 0) then
+      status, slug = '402', 'insufficient-credits'
+    end
+    if status ~= '200' then break end
+  end
+end
+
+local function level_event(a, new_v)
+  local k = tier_of(a.tiers, new_v)
+  local lvl = a.tiers[k].level
+  if lvl ~= a.lvl then
+    local names = {'Normal', 'Warning', 'Critical', 'OverUsage'}
+    emit(outbox, cust_key, customer, now, 'quota.level_changed', {
+      {'metric', a.metric, 's'}, {'from_level', names[a.lvl + 1], 's'},
+      {'to_level', names[lvl + 1], 's'}, {'policy', a.tiers[k].policy, 's'},
+      {'value', new_v, 'i'}, {'threshold', a.tiers[k].from, 'i'},
+      {'period_start', a.ps_iso, 's'}, {'period_end', a.pe_iso, 's'}})
+    a.lvl = lvl
+  end
+end
+
+-- Write: the consequences of a refusal (a suspension), or the whole admission.
+for i = 1, n do
+  local a = assets[i]
+  if a.suspend and not a.susp then
+    a.susp = true
+    redis.call('HSET', a.key, 'susp', '1')
+    emit(outbox, cust_key, customer, now, 'asset.suspended',
+      {{'metric', a.metric, 's'}, {'reason', 'SuspendUsage', 's'}})
+  end
+  if a.expired then
+    redis.call('HSET', a.key, 'pend', fmt(a.pend))
+    if a.kind == 'U' then redis.call('HSET', a.key, 'v', fmt(a.v)) end
+  end
+end
+if status == '200' then
+  for i = 1, n do
+    local a = assets[i]
+    local kind, mode = a.kind, a.mode
+    if a.rollover then
+      redis.call('HSET', a.key, 'ps', fmt(a.ps), 'v', fmt(a.v), 'ovg', '0', 'lvl', '0', 'peak', '0')
+    end
+    if mode == 'e' then
+      a.pend = a.pend + a.amount
+      redis.call('HSET', a.key, 'pend', fmt(a.pend), 'x:' .. rid, fmt(a.amount))
+      redis.call('ZADD', a.xkey, hold_exp, rid)
+    elseif kind == 'G' then
+      if mode == 'r' then
+        a.v = a.amount
+        if a.amount > a.peak then a.peak = a.amount end
+        redis.call('HSET', a.key, 'v', fmt(a.v), 'peak', fmt(a.peak), 'ps', fmt(a.ps))
+        level_event(a, a.v)
+      end
+    else
+      if mode == 's' then
+        local held = tonumber(redis.call('HGET', a.key, 'x:' .. rid) or '0')
+        if redis.call('ZREM', a.xkey, rid) == 1 then a.pend = a.pend - held end
+        redis.call('HDEL', a.key, 'x:' .. rid)
+      elseif mode == 'x' then
+        redis.call('ZREM', a.xkey, rid)
+        redis.call('HDEL', a.key, 'x:' .. rid)
+      elseif kind == 'U' and mode == 'a' then
+        redis.call('HSET', a.key, 'x:' .. rid, fmt(a.amount))
+        redis.call('ZADD', a.xkey, hold_exp, rid)
+      end
+      if kind == 'T' and mode == 'r' then redis.call('HSET', a.key, 'last', fmt(a.amount)) end
+      if a.d > 0 then a.ovg = a.ovg + awo_units(a, a.v, a.v + a.d) end
+      a.v = a.v + a.d
+      for k, tat in pairs(a.tat) do
+        redis.call('HSET', a.key, 'tat' .. k, string.format('%.17g', tat))
+      end
+      for _, k in ipairs(a.base_set) do redis.call('HSET', a.key, 'base' .. k, fmt(a.ps)) end
+      redis.call('HSET', a.key, 'v', fmt(a.v), 'pend', fmt(a.pend), 'ovg', fmt(a.ovg))
+      if kind ~= 'U' then redis.call('HSET', a.key, 'ps', fmt(a.ps)) end
+      level_event(a, a.v)
+    end
+    redis.call('HSET', a.key, 'lvl', fmt(a.lvl))
+  end
+  for j = 1, m do
+    local b = bal[j]
+    local before = b.amt - b.held
+    if b.exists and b.settles then
+      if redis.call('ZREM', b.xkey, rid) == 1 then
+        b.held = b.held - tonumber(redis.call('HGET', b.key, 'h:' .. rid) or '0')
+        redis.call('HSET', b.key, 'held', fmt(b.held))
+        if b.charge == 0 then ledger(ledger_key, now, rid, 'settle', b.name, 0, b.amt, b.held) end
+      end
+      redis.call('HDEL', b.key, 'h:' .. rid)
+    end
+    if b.exists and (b.charge > 0 or b.hold > 0) then
+      b.amt, b.held = b.amt - b.charge, b.held + b.hold
+      redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held))
+      if b.charge > 0 then
+        ledger(ledger_key, now, op_id, 'usage', b.name, -b.charge, b.amt, b.held)
+      end
+      if b.hold > 0 then
+        redis.call('HSET', b.key, 'h:' .. rid, fmt(b.hold))
+        redis.call('ZADD', b.xkey, hold_exp, rid)
+        ledger(ledger_key, now, rid, 'hold', b.name, 0, b.amt, b.held)
+      end
+      balance_events(b.key, b.name, before, b.amt - b.held, outbox, cust_key, customer, now)
+    end
+  end
+end
+
+-- Reply.
+local reply = {status, slug, fmt(retry), fmt(refused), fmt(n)}
+for i = 1, n do
+  local a = assets[i]
+  local k = tier_of(a.tiers, a.v)
+  local thr = -1
+  local t = a.tiers[k]
+  if t.policy == 'R' then
+    local interval = t.per / t.limit
+    local tat = a.tat[k] or math.max(tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0'), now)
+    thr = math.floor((t.limit * interval - (math.max(tat, now) - now)) / interval + 1e-9)
+    if thr < 0 then thr = 0 end
+  end
+  local susp = '0'
+  if a.susp then susp = '1' end
+  for _, x in ipairs({fmt(a.v), fmt(a.pend), fmt(a.lvl), fmt(k), fmt(a.ovg), fmt(thr), susp}) do
+    reply[#reply + 1] = x
+  end
+end
+reply[#reply + 1] = fmt(m)
+for j = 1, m do
+  local b = bal[j]
+  for _, x in ipairs({fmt(b.amt - b.held), fmt(b.amt), fmt(b.held)}) do reply[#reply + 1] = x end
+end
+-- Only admissions are remembered: a refused request retried later is decided anew.
+if status == '200' then remember(KEYS[1], fp, ttl, reply) end
+return reply

@@ -1,0 +1,126 @@
+-- Shared helpers, prepended to every script by metergate.storage.scripts (Lua 5.1, plain EVAL).
+-- Numbers are doubles: every integer read from ARGV or a hash goes through `int`, which rejects
+-- NaN, infinities, fractions and magnitudes beyond 2^53 - 1 before anything is written.
+
+local MAX_SAFE = 9007199254740991
+
+local function bad(field, why)
+  return redis.error_reply('ERR invalid ' .. field .. ': ' .. why)
+end
+
+-- Parse a decimal integer; returns nil for anything that is not a safe integer.
+local function int(s)
+  if type(s) ~= 'string' or not string.match(s, '^%-?%d+$') then return nil end
+  local n = tonumber(s)
+  if n == nil or n ~= n or n > MAX_SAFE or n < -MAX_SAFE then return nil end
+  return n
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function hint(key, field)
+  local v = redis.call('HGET', key, field)
+  if not v then return 0 end
+  return tonumber(v)
+end
+
+-- JSON without cjson's 14-digit number formatting: callers pass {name, value, kind} triples,
+-- kind 'i' for integers, 's' for strings, 'r' for raw JSON.
+local function json(fields)
+  local parts = {}
+  for i = 1, #fields do
+    local f = fields[i]
+    local v
+    if f[3] == 'i' then v = fmt(f[2])
+    elseif f[3] == 'r' then v = f[2]
+    else v = cjson.encode(f[2]) end
+    parts[#parts + 1] = cjson.encode(f[1]) .. ':' .. v
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- Append one event to the customer's partition outbox with the customer's next sequence number.
+local function emit(outbox, cust_key, customer, now, etype, fields)
+  local seq = redis.call('HINCRBY', cust_key, 'seq', 1)
+  local id = 'evt_' .. customer .. '_' .. fmt(seq)
+  table.insert(fields, 1, {'customer', customer, 's'})
+  fields[#fields + 1] = {'seq', seq, 'i'}
+  redis.call('XADD', outbox, '*', 'id', id, 'type', etype, 'customer', customer,
+    'time', fmt(now), 'data', json(fields))
+  return id
+end
+
+local function ledger(ledger_key, now, op, kind, balance, delta, amount, held)
+  redis.call('LPUSH', ledger_key, json({
+    {'op', op, 's'}, {'kind', kind, 's'}, {'balance', balance, 's'}, {'delta', delta, 'i'},
+    {'amount', amount, 'i'}, {'held', held, 'i'}, {'time', now, 'i'}}))
+  redis.call('LTRIM', ledger_key, 0, 9999)
+end
+
+-- Release every hold on a balance whose expiry has passed, exactly once (ZREM decides who won),
+-- emitting reservation.expired. Returns the balance's held amount afterwards.
+local function expire_holds(bkey, bxkey, name, now, outbox, cust_key, customer, ledger_key)
+  local held = hint(bkey, 'held')
+  local due = redis.call('ZRANGEBYSCORE', bxkey, '-inf', now)
+  for i = 1, #due do
+    local rid = due[i]
+    if redis.call('ZREM', bxkey, rid) == 1 then
+      local amount = tonumber(redis.call('HGET', bkey, 'h:' .. rid) or '0')
+      redis.call('HDEL', bkey, 'h:' .. rid)
+      held = held - amount
+      redis.call('HSET', bkey, 'held', fmt(held))
+      ledger(ledger_key, now, rid, 'expire', name, 0, hint(bkey, 'amt'), held)
+      emit(outbox, cust_key, customer, now, 'reservation.expired',
+        {{'balance', name, 's'}, {'reservation', rid, 's'}, {'amount', amount, 'i'}})
+    end
+  end
+  return held
+end
+
+-- Balance lifecycle events for a move of `available` from `before` to `after`.
+local function balance_events(bkey, name, before, after, outbox, cust_key, customer, now)
+  local floor = -hint(bkey, 'ovg')
+  local low = redis.call('HGET', bkey, 'low')
+  if low and low ~= '' then
+    low = tonumber(low)
+    if before >= low and after < low then
+      emit(outbox, cust_key, customer, now, 'balance.low',
+        {{'balance', name, 's'}, {'amount', after, 'i'}, {'floor', floor, 'i'}})
+    end
+  end
+  if before > 0 and after <= 0 then
+    emit(outbox, cust_key, customer, now, 'balance.depleted',
+      {{'balance', name, 's'}, {'amount', after, 'i'}, {'floor', floor, 'i'}})
+  end
+  if before >= floor and after < floor then
+    emit(outbox, cust_key, customer, now, 'balance.overdrawn',
+      {{'balance', name, 's'}, {'amount', after, 'i'}, {'floor', floor, 'i'}})
+  end
+end
+
+-- Idempotency: the stored record is "<fingerprint>\31<reply fields joined by \31>".
+local function split(s)
+  local out = {}
+  for part in string.gmatch(s, '([^\31]*)\31?') do out[#out + 1] = part end
+  if out[#out] == '' then out[#out] = nil end
+  return out
+end
+
+local function replay(op_key, fingerprint)
+  if op_key == '' then return nil end
+  local stored = redis.call('GET', op_key)
+  if not stored then return nil end
+  local parts = split(stored)
+  if parts[1] ~= fingerprint then
+    return {'409', 'idempotency-conflict'}
+  end
+  table.remove(parts, 1)
+  return parts
+end
+
+local function remember(op_key, fingerprint, ttl, reply)
+  if op_key == '' then return end
+  redis.call('SET', op_key, fingerprint .. '\31' .. table.concat(reply, '\31'), 'EX', ttl)
+end

@@ -1,0 +1,321 @@
+"""Programmatic metering: `Meter` (blocking) and `AsyncMeter` (asyncio), two loops over one core."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from metergate.config import BalanceConfig, CustomerConfig, GatewayConfig, load_config, parse_config
+from metergate.core.flows import Flow, MeterCore
+from metergate.core.model import AssetUsage, BalanceState, Decision, Ticket
+from metergate.storage import AsyncStorage, SyncStorage, open_async, open_sync
+
+__all__ = ["AsyncMeter", "Meter"]
+
+T = TypeVar("T")
+ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
+
+
+def _as_config(config: ConfigSource) -> GatewayConfig:
+    if isinstance(config, GatewayConfig):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(config)
+    return load_config(config)
+
+
+class Meter:
+    """Meter usage and move credits over the configured storage, blocking."""
+
+    def __init__(
+        self,
+        config: ConfigSource,
+        clock: Callable[[], float] | None = None,
+        *,
+        storage: SyncStorage | None = None,
+    ) -> None:
+        self.config = _as_config(config)
+        self.core = MeterCore(self.config, clock or time.time)
+        self.storage = storage or open_sync(self.config.storage)
+
+    def _drive(self, flow: Flow[T]) -> T:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(self.storage.run(call))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def admit(
+        self,
+        customer: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+        *,
+        estimates: Mapping[str, int] | None = None,
+        hold_ttl_s: int = 300,
+        lease_ttl_s: int | None = None,
+    ) -> Decision:
+        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        return self._drive(
+            self.core.admit(
+                customer,
+                amounts,
+                idempotency_key,
+                estimates=estimates,
+                hold_ttl_ms=hold_ttl_s * 1000,
+                lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+            )
+        )
+
+    def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Decision:
+        """Record the actual units of an admission's estimates and end its leases."""
+        return self._drive(self.core.settle(ticket, actuals))
+
+    def record(
+        self, customer: str, metric: str, value: int, idempotency_key: str | None = None
+    ) -> Decision:
+        """Record usage outside a request (add, Gauge reading, running total, signed delta)."""
+        return self._drive(self.core.record(customer, metric, value, idempotency_key))
+
+    def usage(self, customer: str, metric: str) -> dict[str, object]:
+        """Return one asset's usage fields, as `GET /v1/customers/{id}/usage` shows them."""
+        return self._drive(self.core.usage(customer, metric)).as_dict()
+
+    def asset(self, customer: str, metric: str) -> AssetUsage:
+        """Return one asset's usage as an AssetUsage."""
+        return self._drive(self.core.usage(customer, metric))
+
+    def suspend_asset(self, customer: str, metric: str) -> AssetUsage:
+        """Suspend an asset: every admission on it is refused with 403 until resumed."""
+        return self._drive(self.core.suspend_asset(customer, metric))
+
+    def resume_asset(self, customer: str, metric: str) -> AssetUsage:
+        """Resume a suspended asset."""
+        return self._drive(self.core.suspend_asset(customer, metric, resume=True))
+
+    def set_entitlement(
+        self,
+        customer: str,
+        plan: str,
+        anchor: datetime | None = None,
+        timezone: str | None = None,
+    ) -> None:
+        """Change a customer's plan (effective now), anchor or timezone."""
+        self._drive(self.core.set_entitlement(customer, plan, anchor, timezone))
+
+    def put_customer(self, customer: str, spec: CustomerConfig | Mapping[str, Any]) -> None:
+        """Create or replace a customer; missing balances are created, existing ones kept."""
+        if not isinstance(spec, CustomerConfig):
+            spec = CustomerConfig.model_validate(spec)
+        self._drive(self.core.put_customer(customer, spec))
+
+    def create_balance(
+        self, customer: str, name: str, spec: BalanceConfig | Mapping[str, Any]
+    ) -> BalanceState:
+        """Create a balance (its amount is written once) or update an existing one's settings."""
+        if not isinstance(spec, BalanceConfig):
+            spec = BalanceConfig.model_validate(spec)
+        return self._drive(self.core.create_balance(customer, name, spec))
+
+    def balance(self, customer: str, name: str) -> BalanceState:
+        """Return a balance: amount, held, available, overage, unit, suspended."""
+        return self._drive(self.core.balance_op(customer, name, "read"))
+
+    def topup(
+        self, customer: str, name: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
+        """Add credit to a balance, once per idempotency key."""
+        return self._drive(self.core.balance_op(customer, name, "topup", amount, idempotency_key))
+
+    def withdraw(
+        self, customer: str, name: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
+        """Take credit out of a balance, never below 0 available (raises Conflict otherwise)."""
+        return self._drive(self.core.balance_op(customer, name, "withdraw", amount, idempotency_key))
+
+    def suspend_balance(self, customer: str, name: str) -> BalanceState:
+        """Suspend a balance: admissions charging it are refused with 403."""
+        return self._drive(self.core.balance_op(customer, name, "suspend"))
+
+    def resume_balance(self, customer: str, name: str) -> BalanceState:
+        """Resume a suspended balance."""
+        return self._drive(self.core.balance_op(customer, name, "resume"))
+
+    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
+        return self._drive(self.core.reserve(customer, name, amount, ttl_s))[0]
+
+    def commit(self, reservation_id: str, amount: int) -> BalanceState:
+        """Charge the actual amount of a reservation and release the rest (once)."""
+        return self._drive(self.core.close_reservation(reservation_id, "commit", amount))
+
+    def release(self, reservation_id: str) -> BalanceState:
+        """Release a reservation's hold (once)."""
+        return self._drive(self.core.close_reservation(reservation_id, "release"))
+
+    def ledger(self, customer: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the customer's balance mutations, newest first."""
+        return self._drive(self.core.ledger(customer, limit))
+
+    def close(self) -> None:
+        """Close the storage connections."""
+        self.storage.close()
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeter:
+    """Meter usage and move credits over the configured storage, with asyncio."""
+
+    def __init__(
+        self,
+        config: ConfigSource,
+        clock: Callable[[], float] | None = None,
+        *,
+        storage: AsyncStorage | None = None,
+    ) -> None:
+        self.config = _as_config(config)
+        self.core = MeterCore(self.config, clock or time.time)
+        self.storage = storage or open_async(self.config.storage)
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(await self.storage.run(call))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def admit(
+        self,
+        customer: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+        *,
+        estimates: Mapping[str, int] | None = None,
+        hold_ttl_s: int = 300,
+        lease_ttl_s: int | None = None,
+    ) -> Decision:
+        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        return await self._drive(
+            self.core.admit(
+                customer,
+                amounts,
+                idempotency_key,
+                estimates=estimates,
+                hold_ttl_ms=hold_ttl_s * 1000,
+                lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+            )
+        )
+
+    async def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Decision:
+        """Record the actual units of an admission's estimates and end its leases."""
+        return await self._drive(self.core.settle(ticket, actuals))
+
+    async def record(
+        self, customer: str, metric: str, value: int, idempotency_key: str | None = None
+    ) -> Decision:
+        """Record usage outside a request (add, Gauge reading, running total, signed delta)."""
+        return await self._drive(self.core.record(customer, metric, value, idempotency_key))
+
+    async def usage(self, customer: str, metric: str) -> dict[str, object]:
+        """Return one asset's usage fields, as `GET /v1/customers/{id}/usage` shows them."""
+        return (await self._drive(self.core.usage(customer, metric))).as_dict()
+
+    async def asset(self, customer: str, metric: str) -> AssetUsage:
+        """Return one asset's usage as an AssetUsage."""
+        return await self._drive(self.core.usage(customer, metric))
+
+    async def suspend_asset(self, customer: str, metric: str) -> AssetUsage:
+        """Suspend an asset: every admission on it is refused with 403 until resumed."""
+        return await self._drive(self.core.suspend_asset(customer, metric))
+
+    async def resume_asset(self, customer: str, metric: str) -> AssetUsage:
+        """Resume a suspended asset."""
+        return await self._drive(self.core.suspend_asset(customer, metric, resume=True))
+
+    async def set_entitlement(
+        self,
+        customer: str,
+        plan: str,
+        anchor: datetime | None = None,
+        timezone: str | None = None,
+    ) -> None:
+        """Change a customer's plan (effective now), anchor or timezone."""
+        await self._drive(self.core.set_entitlement(customer, plan, anchor, timezone))
+
+    async def put_customer(self, customer: str, spec: CustomerConfig | Mapping[str, Any]) -> None:
+        """Create or replace a customer; missing balances are created, existing ones kept."""
+        if not isinstance(spec, CustomerConfig):
+            spec = CustomerConfig.model_validate(spec)
+        await self._drive(self.core.put_customer(customer, spec))
+
+    async def create_balance(
+        self, customer: str, name: str, spec: BalanceConfig | Mapping[str, Any]
+    ) -> BalanceState:
+        """Create a balance (its amount is written once) or update an existing one's settings."""
+        if not isinstance(spec, BalanceConfig):
+            spec = BalanceConfig.model_validate(spec)
+        return await self._drive(self.core.create_balance(customer, name, spec))
+
+    async def balance(self, customer: str, name: str) -> BalanceState:
+        """Return a balance: amount, held, available, overage, unit, suspended."""
+        return await self._drive(self.core.balance_op(customer, name, "read"))
+
+    async def topup(
+        self, customer: str, name: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
+        """Add credit to a balance, once per idempotency key."""
+        return await self._drive(
+            self.core.balance_op(customer, name, "topup", amount, idempotency_key)
+        )
+
+    async def withdraw(
+        self, customer: str, name: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
+        """Take credit out of a balance, never below 0 available (raises Conflict otherwise)."""
+        return await self._drive(
+            self.core.balance_op(customer, name, "withdraw", amount, idempotency_key)
+        )
+
+    async def suspend_balance(self, customer: str, name: str) -> BalanceState:
+        """Suspend a balance: admissions charging it are refused with 403."""
+        return await self._drive(self.core.balance_op(customer, name, "suspend"))
+
+    async def resume_balance(self, customer: str, name: str) -> BalanceState:
+        """Resume a suspended balance."""
+        return await self._drive(self.core.balance_op(customer, name, "resume"))
+
+    async def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
+        return (await self._drive(self.core.reserve(customer, name, amount, ttl_s)))[0]
+
+    async def commit(self, reservation_id: str, amount: int) -> BalanceState:
+        """Charge the actual amount of a reservation and release the rest (once)."""
+        return await self._drive(self.core.close_reservation(reservation_id, "commit", amount))
+
+    async def release(self, reservation_id: str) -> BalanceState:
+        """Release a reservation's hold (once)."""
+        return await self._drive(self.core.close_reservation(reservation_id, "release"))
+
+    async def ledger(self, customer: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the customer's balance mutations, newest first."""
+        return await self._drive(self.core.ledger(customer, limit))
+
+    async def aclose(self) -> None:
+        """Close the storage connections."""
+        await self.storage.aclose()
+
+    async def __aenter__(self) -> AsyncMeter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,124 @@
+"""Sync and async drivers over redis-py clients (or fakeredis, which mimics them for `memory://`).
+
+A mutating script is never retried blindly: redis-py's own retries are switched off, and the only
+second attempt is after NOSCRIPT, which Redis answers without running anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+
+from metergate.config import StorageConfig
+from metergate.core.errors import StorageUnavailable
+from metergate.core.flows import Command, Script
+from metergate.storage.scripts import load_script
+
+__all__ = ["AsyncStorage", "SyncStorage", "open_async", "open_sync"]
+
+_NETWORK_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_memory_servers: dict[str, Any] = {}
+_memory_lock = threading.Lock()
+
+
+def _memory_server(url: str) -> Any:
+    import fakeredis
+
+    with _memory_lock:
+        server = _memory_servers.get(url)
+        if server is None:
+            server = _memory_servers[url] = fakeredis.FakeServer()
+        return server
+
+
+def _client_options(config: StorageConfig) -> dict[str, Any]:
+    timeout = config.timeout_ms / 1000
+    return {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": max(timeout, 1.0),
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+    }
+
+
+class SyncStorage:
+    """Runs calls on a blocking client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def run(self, call: Script | Command) -> Any:
+        """Run one script call or command and return its reply."""
+        try:
+            if isinstance(call, Command):
+                return self.client.execute_command(*call.args)
+            script = load_script(call.name)
+            try:
+                return self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            except NoScriptError:
+                # NOSCRIPT: nothing ran, so loading and running once more cannot double-apply.
+                self.client.script_load(script.source)
+                return self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        except _NETWORK_ERRORS as exc:
+            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.client.close()
+
+
+class AsyncStorage:
+    """Runs calls on an asyncio client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def run(self, call: Script | Command) -> Any:
+        """Run one script call or command and return its reply."""
+        try:
+            if isinstance(call, Command):
+                return await self.client.execute_command(*call.args)
+            script = load_script(call.name)
+            try:
+                return await self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            except NoScriptError:
+                await self.client.script_load(script.source)
+                return await self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        except _NETWORK_ERRORS as exc:
+            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self.client.aclose()
+
+
+def open_sync(config: StorageConfig) -> SyncStorage:
+    """Open a blocking driver for `storage.url`."""
+    url = config.url
+    if url.startswith("memory://"):
+        import fakeredis
+
+        return SyncStorage(fakeredis.FakeRedis(server=_memory_server(url), decode_responses=True))
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return SyncStorage(redis.Redis.from_url(url, **_client_options(config)))
+    raise ValueError(f"storage.url: unsupported scheme in {url!r}")
+
+
+def open_async(config: StorageConfig) -> AsyncStorage:
+    """Open an asyncio driver for `storage.url`."""
+    url = config.url
+    if url.startswith("memory://"):
+        import fakeredis
+
+        client = fakeredis.FakeAsyncRedis(server=_memory_server(url), decode_responses=True)
+        return AsyncStorage(client)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return AsyncStorage(redis.asyncio.Redis.from_url(url, **_client_options(config)))
+    raise ValueError(f"storage.url: unsupported scheme in {url!r}")
