@@ -1,0 +1,148 @@
+"""Fixtures: real redis-server processes on free loopback ports, and the backends every storage test runs on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+REQUIRE_REDIS = os.environ.get("METERGATE_REQUIRE_REDIS") == "1"
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """A redis-server child process on a free loopback port, with nothing persisted."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            message = "redis-server is not installed"
+            if REQUIRE_REDIS:
+                pytest.fail(message)
+            pytest.skip(message)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.workdir),
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A real redis-server for the whole test session."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+BACKENDS = ["memory", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty storage URL: the embedded backend, or a flushed real redis-server."""
+    if request.param == "memory":
+        return f"memory://test-{uuid.uuid4().hex}"
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    client = server.client()
+    client.flushall()
+    client.close()
+    return server.url
+
+
+class Clock:
+    """A controllable clock: epoch seconds, moved by tests."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock fixed at 2027-01-15T08:00:00Z until a test moves it."""
+    return Clock()
+
+
+def with_storage(config: dict[str, Any], url: str) -> dict[str, Any]:
+    """Return the config with `storage.url` set (a copy)."""
+    out = dict(config)
+    out["storage"] = {**config.get("storage", {}), "url": url, "timeout_ms": 2000}
+    return out
+
+
+@pytest.fixture
+def make_meter(storage_url: str, clock: Clock) -> Iterator[Callable[..., Any]]:
+    """Build Meters on the test's backend with the test's clock; closes them afterwards."""
+    from metergate import Meter
+
+    made: list[Meter] = []
+
+    def make(config: dict[str, Any], **kwargs: Any) -> Meter:
+        meter = Meter(with_storage(config, storage_url), clock=kwargs.pop("clock", clock), **kwargs)
+        made.append(meter)
+        return meter
+
+    yield make
+    for meter in made:
+        meter.close()
