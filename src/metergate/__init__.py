@@ -1,9 +1,11 @@
 """metergate: meter API usage, enforce quotas and draw down prepaid credits in one atomic step."""
 
+from metergate.asgi import MeteringMiddleware
 from metergate.config import ConfigError, GatewayConfig, load_config, parse_config
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
 from metergate.meter import AsyncMeter, Meter
+from metergate.wsgi import WSGIMeteringMiddleware
 
 __all__ = [
     "AssetUsage",
@@ -15,10 +17,12 @@ __all__ = [
     "GatewayConfig",
     "InvalidAmount",
     "Meter",
+    "MeteringMiddleware",
     "NotFound",
     "StorageUnavailable",
     "Throttle",
     "Ticket",
+    "WSGIMeteringMiddleware",
     "load_config",
     "parse_config",
 ]

@@ -13,13 +13,14 @@ from metergate.core.flows import Flow, MeterCore
 from metergate.core.model import AssetUsage, BalanceState, Decision, Ticket
 from metergate.storage import AsyncStorage, SyncStorage, open_async, open_sync
 
-__all__ = ["AsyncMeter", "Meter"]
+__all__ = ["AsyncMeter", "ConfigSource", "Meter", "as_config"]
 
 T = TypeVar("T")
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
-def _as_config(config: ConfigSource) -> GatewayConfig:
+def as_config(config: ConfigSource) -> GatewayConfig:
+    """Accept a GatewayConfig, a mapping or a file path and return the validated config."""
     if isinstance(config, GatewayConfig):
         return config
     if isinstance(config, Mapping):
@@ -37,7 +38,7 @@ class Meter:
         *,
         storage: SyncStorage | None = None,
     ) -> None:
-        self.config = _as_config(config)
+        self.config = as_config(config)
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_sync(self.config.storage)
 
@@ -135,7 +136,9 @@ class Meter:
         self, customer: str, name: str, amount: int, idempotency_key: str | None = None
     ) -> BalanceState:
         """Take credit out of a balance, never below 0 available (raises Conflict otherwise)."""
-        return self._drive(self.core.balance_op(customer, name, "withdraw", amount, idempotency_key))
+        return self._drive(
+            self.core.balance_op(customer, name, "withdraw", amount, idempotency_key)
+        )
 
     def suspend_balance(self, customer: str, name: str) -> BalanceState:
         """Suspend a balance: admissions charging it are refused with 403."""
@@ -161,6 +164,14 @@ class Meter:
         """Return the customer's balance mutations, newest first."""
         return self._drive(self.core.ledger(customer, limit))
 
+    def customer_for_key(self, api_key: str) -> str | None:
+        """Return the customer holding an API key, or None."""
+        return self._drive(self.core.customer_for_key(api_key))
+
+    def add_api_key(self, customer: str, api_key: str) -> str:
+        """Store the hash of a new API key for a customer and return the hash."""
+        return self._drive(self.core.add_api_key(customer, api_key))
+
     def close(self) -> None:
         """Close the storage connections."""
         self.storage.close()
@@ -182,7 +193,7 @@ class AsyncMeter:
         *,
         storage: AsyncStorage | None = None,
     ) -> None:
-        self.config = _as_config(config)
+        self.config = as_config(config)
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_async(self.config.storage)
 
@@ -309,6 +320,14 @@ class AsyncMeter:
     async def ledger(self, customer: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the customer's balance mutations, newest first."""
         return await self._drive(self.core.ledger(customer, limit))
+
+    async def customer_for_key(self, api_key: str) -> str | None:
+        """Return the customer holding an API key, or None."""
+        return await self._drive(self.core.customer_for_key(api_key))
+
+    async def add_api_key(self, customer: str, api_key: str) -> str:
+        """Store the hash of a new API key for a customer and return the hash."""
+        return await self._drive(self.core.add_api_key(customer, api_key))
 
     async def aclose(self) -> None:
         """Close the storage connections."""

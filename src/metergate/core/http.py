@@ -1,0 +1,319 @@
+"""HTTP, sans-I/O: routes, identity, what a request costs, and the answers (problem+json, RateLimit).
+
+Both adapters (ASGI and WSGI) and the reverse proxy drive a `Gate`: it turns a request's method, path
+and headers into an admission to run, and a Decision into the response status, headers and body.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from metergate.config import CostConfig, GatewayConfig, RouteConfig
+from metergate.core.model import Decision
+
+__all__ = [
+    "Admission",
+    "Answer",
+    "CompiledRoute",
+    "Gate",
+    "MeteredCost",
+    "RouteTable",
+    "api_key_from",
+    "problem",
+    "ratelimit_fields",
+]
+
+TITLES = {
+    "unauthenticated": "Unauthenticated",
+    "not-entitled": "Not entitled",
+    "asset-suspended": "Asset suspended",
+    "balance-suspended": "Balance suspended",
+    "insufficient-credits": "Insufficient credits",
+    "quota-exceeded": "Quota exceeded",
+    "rate-limited": "Rate limited",
+    "metering-unavailable": "Metering unavailable",
+    "idempotency-conflict": "Idempotency conflict",
+    "body-too-large": "Body too large",
+    "not-metered": "Not metered",
+    "invalid-request": "Invalid request",
+    "not-found": "Not found",
+    "bad-gateway": "Bad gateway",
+    "gateway-timeout": "Gateway timeout",
+}
+
+_SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+
+
+def _template_regex(path: str) -> re.Pattern[str]:
+    out, pos = "", 0
+    for match in _SEGMENT.finditer(path):
+        out += re.escape(path[pos : match.start()])
+        out += "(?:.*)" if match.group(2) else "(?:[^/]+)"
+        pos = match.end()
+    out += re.escape(path[pos:])
+    return re.compile(out + r"\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredCost:
+    """How one metric of a route is costed: a constant, a request header, or a response header."""
+
+    metric: str
+    constant: int = 1
+    header: str | None = None
+    response_header: str | None = None
+    reserve: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A route with its path regex, methods and costs, compiled once at start."""
+
+    path: str
+    regex: re.Pattern[str]
+    methods: frozenset[str] | None
+    costs: tuple[MeteredCost, ...]
+    reserve_ttl_ms: int
+    lease_ttl_ms: int | None
+
+
+def _compile_route(route: RouteConfig) -> CompiledRoute:
+    costs = []
+    for meter in route.meter:
+        cost = meter.cost
+        if isinstance(cost, CostConfig):
+            costs.append(
+                MeteredCost(
+                    meter.metric,
+                    header=cost.header,
+                    response_header=cost.response_header,
+                    reserve=cost.reserve or 0,
+                )
+            )
+        else:
+            costs.append(MeteredCost(meter.metric, constant=cost))
+    return CompiledRoute(
+        path=route.path,
+        regex=_template_regex(route.path),
+        methods=frozenset(m.upper() for m in route.methods) if route.methods else None,
+        costs=tuple(costs),
+        reserve_ttl_ms=route.reserve_ttl,
+        lease_ttl_ms=route.lease_ttl,
+    )
+
+
+class RouteTable:
+    """The configured routes, first match wins."""
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self.routes = tuple(_compile_route(r) for r in routes)
+
+    def match(self, method: str, path: str) -> CompiledRoute | None:
+        """Return the first route matching the method and path, or None."""
+        for route in self.routes:
+            if route.methods is not None and method not in route.methods:
+                continue
+            if route.regex.match(path):
+                return route
+        return None
+
+
+def api_key_from(value: str | None) -> str | None:
+    """Return the API key in a header value: `Bearer <key>` or the bare key."""
+    if not value:
+        return None
+    value = value.strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    return value or None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A complete response: status, headers and body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def problem(
+    slug: str,
+    status: int,
+    detail: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    **extra: Any,
+) -> Answer:
+    """Build an RFC 9457 problem+json answer of type `urn:metergate:problem:<slug>`."""
+    body: dict[str, Any] = {
+        "type": f"urn:metergate:problem:{slug}",
+        "title": TITLES.get(slug, slug.replace("-", " ").capitalize()),
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    body.update({k: v for k, v in extra.items() if v is not None})
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return Answer(
+        status,
+        [
+            ("content-type", "application/problem+json"),
+            ("content-length", str(len(data))),
+            *headers,
+        ],
+        data,
+    )
+
+
+def _sf_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ratelimit_fields(decision: Decision, now_s: float) -> list[tuple[str, str]]:
+    """Return RateLimit-Policy, RateLimit, Metergate-Level and Metergate-Balance for a decision."""
+    policies: list[str] = []
+    limits: list[str] = []
+    for metric, usage in decision.assets.items():
+        if usage.limit is not None:
+            item = f"{_sf_string(metric)};q={usage.limit}"
+            state = f"{_sf_string(metric)};r={usage.remaining or 0}"
+            if usage.period_start is not None and usage.period_end is not None:
+                item += f";w={usage.period_end - usage.period_start}"
+                state += f";t={max(0, math.ceil(usage.period_end - now_s))}"
+            policies.append(item)
+            limits.append(state)
+        if usage.throttle is not None:
+            name = _sf_string(f"{metric}-throttle")
+            policies.append(f"{name};q={usage.throttle.limit};w={usage.throttle.per_s}")
+            limits.append(f"{name};r={usage.throttle.remaining}")
+    fields: list[tuple[str, str]] = []
+    if policies:
+        fields.append(("ratelimit-policy", ", ".join(policies)))
+        fields.append(("ratelimit", ", ".join(limits)))
+    if decision.level:
+        fields.append(("metergate-level", decision.level))
+    if len(decision.balances) == 1:
+        fields.append(("metergate-balance", str(next(iter(decision.balances.values())))))
+    elif decision.balances:
+        fields.append(
+            ("metergate-balance", ", ".join(f"{k}={v}" for k, v in decision.balances.items()))
+        )
+    return fields
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a matched request asks of the meter."""
+
+    customer: str
+    route: CompiledRoute
+    amounts: dict[str, int]
+    estimates: dict[str, int]
+    idempotency_key: str | None
+    response_costs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """metric -> (response header, reserve): settled from the response."""
+
+
+Identify = Callable[[Mapping[str, str]], str | None]
+
+
+class Gate:
+    """The HTTP decisions of metering, shared by the ASGI and WSGI adapters and the proxy."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        costs: Mapping[str, Callable[[Any], int]] | None = None,
+    ) -> None:
+        self.config = config
+        self.routes = RouteTable(config.routes)
+        self.identity_header = config.identity.header.lower()
+        self.costs = dict(costs or {})
+
+    def key_of(self, headers: Mapping[str, str]) -> str | None:
+        """Return the API key a request carries (never logged)."""
+        return api_key_from(headers.get(self.identity_header))
+
+    def unmatched(self) -> Answer | None:
+        """Return the answer for a request no route matches (None: pass it through)."""
+        if self.config.unmatched == "deny":
+            return problem("not-metered", 404, "no route of this gateway matches the request")
+        return None
+
+    def admission(
+        self,
+        customer: str,
+        route: CompiledRoute,
+        headers: Mapping[str, str],
+        request: Any = None,
+    ) -> Admission | Answer:
+        """Work out what the request costs; an unreadable cost header answers 400."""
+        amounts: dict[str, int] = {}
+        estimates: dict[str, int] = {}
+        response_costs: dict[str, tuple[str, int]] = {}
+        for cost in route.costs:
+            custom = self.costs.get(cost.metric)
+            if custom is not None:
+                amounts[cost.metric] = int(custom(request))
+            elif cost.response_header is not None:
+                estimates[cost.metric] = cost.reserve
+                response_costs[cost.metric] = (cost.response_header.lower(), cost.reserve)
+            elif cost.header is not None:
+                raw = headers.get(cost.header.lower(), "")
+                if not re.fullmatch(r"\d{1,15}", raw.strip()):
+                    return problem(
+                        "invalid-request",
+                        400,
+                        f"header {cost.header} must hold a non-negative integer",
+                        errors=[
+                            {"field": cost.header, "message": "must be a non-negative integer"}
+                        ],
+                    )
+                amounts[cost.metric] = int(raw)
+            else:
+                amounts[cost.metric] = cost.constant
+        key = headers.get("idempotency-key")
+        return Admission(customer, route, amounts, estimates, key or None, response_costs)
+
+    def refusal(self, decision: Decision, now_s: float) -> Answer:
+        """Build the problem+json answer for a refused decision, with its headers."""
+        headers = ratelimit_fields(decision, now_s) if decision.assets else []
+        if decision.retry_after is not None:
+            headers.append(("retry-after", str(decision.retry_after)))
+        usage = decision.assets.get(decision.metric or "")
+        return problem(
+            decision.problem or "forbidden",
+            decision.status,
+            decision.detail,
+            headers,
+            customer=decision.customer or None,
+            metric=decision.metric,
+            level=usage.level if usage else None,
+            policy=usage.policy if usage else None,
+            retry_after=decision.retry_after,
+        )
+
+    def unavailable(self, retry_after: int = 1) -> Answer:
+        """Build the 503 answer for storage that did not answer in time (closed mode)."""
+        return problem(
+            "metering-unavailable",
+            503,
+            "metering storage is unavailable; the request was not forwarded",
+            [("retry-after", str(retry_after))],
+            retry_after=retry_after,
+        )
+
+    @staticmethod
+    def actuals(admission: Admission, response_headers: Mapping[str, str]) -> dict[str, int]:
+        """Read the actual units of response-priced metrics; a missing header charges the reserve."""
+        out: dict[str, int] = {}
+        for metric, (header, reserve) in admission.response_costs.items():
+            raw = response_headers.get(header, "").strip()
+            out[metric] = int(raw) if re.fullmatch(r"\d{1,15}", raw) else reserve
+        return out
