@@ -5,6 +5,7 @@ from metergate.config import ConfigError, GatewayConfig, load_config, parse_conf
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
 from metergate.meter import AsyncMeter, Meter
+from metergate.proxy import create_app
 from metergate.wsgi import WSGIMeteringMiddleware
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Throttle",
     "Ticket",
     "WSGIMeteringMiddleware",
+    "create_app",
     "load_config",
     "parse_config",
 ]

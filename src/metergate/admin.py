@@ -1,0 +1,550 @@
+"""The admin API (SPEC section 4): customers, keys, usage, balances, reservations, ledger, events."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from metergate.config import MAX_SAFE_INT, BalanceConfig, EntitlementConfig
+from metergate.core import directory
+from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
+from metergate.core.flows import Command
+from metergate.core.http import problem
+from metergate.meter import AsyncMeter, ConfigSource, as_config
+from metergate.observability import REGISTRY
+
+__all__ = ["admin_app"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
+Positive = Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)]
+IDEMPOTENCY_TTL_S = 86_400
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CustomerBody(_Body):
+    """`PUT /v1/customers/{id}`."""
+
+    entitlement: EntitlementConfig
+    balances: dict[str, BalanceConfig] = {}
+
+
+class EntitlementBody(_Body):
+    """`PUT /v1/customers/{id}/entitlement`: any of plan, anchor, timezone."""
+
+    plan: str | None = None
+    anchor: datetime | None = None
+    timezone: str | None = None
+
+
+class UsageBody(_Body):
+    """`POST /v1/customers/{id}/usage`."""
+
+    metric: str
+    value: Annotated[StrictInt, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
+
+
+class AmountBody(_Body):
+    """`{amount}` of top-ups, withdrawals and commits."""
+
+    amount: Amount
+
+
+class PositiveAmountBody(_Body):
+    """`{amount}` that must be above 0."""
+
+    amount: Positive
+
+
+class ReservationBody(_Body):
+    """`POST .../reservations`."""
+
+    amount: Positive
+    ttl_s: Positive = 300
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)
+
+
+def _answer(slug: str, status: int, detail: str, **extra: Any) -> Response:
+    ans = problem(slug, status, detail, **extra)
+    return Response(ans.body, ans.status, headers=dict(ans.headers))
+
+
+def _invalid(errors: list[dict[str, str]]) -> Response:
+    return _answer("invalid-request", 422, "the request is not valid", errors=errors)
+
+
+async def _parse(request: Request, model: type[_Body]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"{}")
+    except json.JSONDecodeError as exc:
+        return _invalid([{"field": "body", "message": f"not JSON: {exc.msg}"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown field"
+            errors.append({"field": field, "message": message})
+        return _invalid(errors)
+
+
+class AdminAPI:
+    """The admin endpoints over one AsyncMeter."""
+
+    def __init__(self, meter: AsyncMeter, token: str | None) -> None:
+        self.meter = meter
+        self.token = token
+
+    def authorized(self, request: Request) -> bool:
+        """Check the bearer token in constant time."""
+        if not self.token:
+            return False
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.encode(), self.token.encode()
+        )
+
+    def guard(self, handler: Handler, *, mutation: bool = False) -> Handler:
+        """Wrap a handler with auth, error mapping and (for mutations) Idempotency-Key replay."""
+
+        async def endpoint(request: Request) -> Response:
+            if not self.authorized(request):
+                return _answer(
+                    "unauthenticated",
+                    401,
+                    "a valid admin bearer token is required",
+                )
+            key = request.headers.get("idempotency-key") if mutation else None
+            if key:
+                replay = await self._replay(request, key)
+                if replay is not None:
+                    return replay
+            try:
+                response = await handler(request)
+            except InvalidAmount as exc:
+                response = _invalid([{"field": exc.field, "message": exc.message}])
+            except NotFound as exc:
+                response = _answer("not-found", 404, str(exc).strip("'\""))
+            except Conflict as exc:
+                response = _answer(exc.slug, exc.status, exc.message)
+            except StorageUnavailable:
+                response = _answer("metering-unavailable", 503, "storage is unavailable")
+            if key and 200 <= response.status_code < 300:
+                await self._remember(request, key, response)
+            return response
+
+        return endpoint
+
+    async def _fingerprint(self, request: Request) -> str:
+        body = await request.body()
+        return directory.fingerprint(request.method.encode() + request.url.path.encode() + body)
+
+    def _idem_key(self, key: str) -> str:
+        return f"{self.meter.core.keys.prefix}:admin-idempotency:{key}"
+
+    async def _replay(self, request: Request, key: str) -> Response | None:
+        stored = await self.meter.storage.run(Command(("GET", self._idem_key(key))))
+        if not stored:
+            return None
+        record = json.loads(stored)
+        if record["fingerprint"] != await self._fingerprint(request):
+            return _answer(
+                "idempotency-conflict", 409, "this Idempotency-Key was used with another request"
+            )
+        return Response(
+            record["body"].encode(),
+            record["status"],
+            headers={"content-type": record["type"], "idempotent-replayed": "true"},
+        )
+
+    async def _remember(self, request: Request, key: str, response: Response) -> None:
+        record = {
+            "fingerprint": await self._fingerprint(request),
+            "status": response.status_code,
+            "type": response.headers.get("content-type", "application/json"),
+            "body": bytes(response.body).decode(),
+        }
+        await self.meter.storage.run(
+            Command(("SET", self._idem_key(key), json.dumps(record), "EX", str(IDEMPOTENCY_TTL_S)))
+        )
+
+    # -- customers ---------------------------------------------------------------------------
+
+    async def put_customer(self, request: Request) -> Response:
+        body = await _parse(request, CustomerBody)
+        if isinstance(body, Response):
+            return body
+        cid = request.path_params["id"]
+        spec = {"entitlement": body.entitlement, "balances": body.balances}
+        await self.meter.put_customer(cid, spec)
+        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+
+    async def get_customer(self, request: Request) -> Response:
+        cid = request.path_params["id"]
+        view = await self.meter._drive(directory.customer_view(self.meter.core, cid))
+        balances = {}
+        for name in view["balances"]:
+            try:
+                balances[name] = (await self.meter.balance(cid, name)).as_dict()
+            except NotFound:
+                continue
+        view["balances"] = balances
+        return _json(view)
+
+    async def issue_key(self, request: Request) -> Response:
+        cid = request.path_params["id"]
+        issued = await self.meter._drive(directory.issue_api_key(self.meter.core, cid))
+        return _json(issued, 201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        cid, key_id = request.path_params["id"], request.path_params["key_id"]
+        await self.meter._drive(directory.revoke_api_key(self.meter.core, cid, key_id))
+        return Response(status_code=204)
+
+    async def put_entitlement(self, request: Request) -> Response:
+        body = await _parse(request, EntitlementBody)
+        if isinstance(body, Response):
+            return body
+        cid = request.path_params["id"]
+        current = await self.meter._drive(directory.find_entitlement(self.meter.core, cid))
+        if current is None:
+            raise NotFound(f"customer '{cid}' does not exist")
+        await self.meter.set_entitlement(cid, body.plan or current.plan, body.anchor, body.timezone)
+        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+
+    # -- usage -------------------------------------------------------------------------------
+
+    async def get_usage(self, request: Request) -> Response:
+        cid = request.path_params["id"]
+        ent = await self.meter._drive(directory.find_entitlement(self.meter.core, cid))
+        if ent is None:
+            raise NotFound(f"customer '{cid}' does not exist")
+        metrics = {m: await self.meter.usage(cid, m) for m in self.meter.core.plans[ent.plan]}
+        return _json({"customer": cid, "metrics": metrics})
+
+    async def post_usage(self, request: Request) -> Response:
+        body = await _parse(request, UsageBody)
+        if isinstance(body, Response):
+            return body
+        cid = request.path_params["id"]
+        key = request.headers.get("idempotency-key")
+        decision = await self.meter.record(cid, body.metric, body.value, key)
+        if not decision.allowed:
+            if decision.status == 401:
+                raise NotFound(f"customer '{cid}' does not exist")
+            extra = {"retry_after": decision.retry_after, "metric": decision.metric}
+            return _answer(str(decision.problem), decision.status, decision.detail or "", **extra)
+        usage = decision.assets[body.metric].as_dict()
+        return _json({"customer": cid, "metric": body.metric, **usage})
+
+    async def suspend_asset(self, request: Request) -> Response:
+        cid, metric = request.path_params["id"], request.path_params["metric"]
+        if request.path_params["action"] == "suspend":
+            usage = await self.meter.suspend_asset(cid, metric)
+        else:
+            usage = await self.meter.resume_asset(cid, metric)
+        return _json({"customer": cid, "metric": metric, **usage.as_dict()})
+
+    # -- balances ----------------------------------------------------------------------------
+
+    async def get_balance(self, request: Request) -> Response:
+        state = await self.meter.balance(request.path_params["id"], request.path_params["name"])
+        return _json(state.as_dict())
+
+    async def move_balance(self, request: Request) -> Response:
+        body = await _parse(request, PositiveAmountBody)
+        if isinstance(body, Response):
+            return body
+        cid, name = request.path_params["id"], request.path_params["name"]
+        key = request.headers.get("idempotency-key")
+        if request.path_params["action"] == "topup":
+            state = await self.meter.topup(cid, name, body.amount, key)
+        else:
+            state = await self.meter.withdraw(cid, name, body.amount, key)
+        return _json(state.as_dict())
+
+    async def flag_balance(self, request: Request) -> Response:
+        cid, name = request.path_params["id"], request.path_params["name"]
+        if request.path_params["action"] == "suspend":
+            state = await self.meter.suspend_balance(cid, name)
+        else:
+            state = await self.meter.resume_balance(cid, name)
+        return _json(state.as_dict())
+
+    async def reserve(self, request: Request) -> Response:
+        body = await _parse(request, ReservationBody)
+        if isinstance(body, Response):
+            return body
+        cid, name = request.path_params["id"], request.path_params["name"]
+        rid, expires = await self.meter._drive(
+            self.meter.core.reserve(cid, name, body.amount, body.ttl_s)
+        )
+        return _json({"id": rid, "expires_at": expires}, 201)
+
+    async def close_reservation(self, request: Request) -> Response:
+        rid, action = request.path_params["rid"], request.path_params["action"]
+        if action == "commit":
+            body = await _parse(request, AmountBody)
+            if isinstance(body, Response):
+                return body
+            state = await self.meter.commit(rid, body.amount)
+        else:
+            state = await self.meter.release(rid)
+        return _json(state.as_dict())
+
+    async def ledger(self, request: Request) -> Response:
+        cid = request.path_params["id"]
+        limit = request.query_params.get("limit", "100")
+        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+            return _invalid([{"field": "limit", "message": "must be an integer from 1 to 10000"}])
+        return _json({"entries": await self.meter.ledger(cid, int(limit))})
+
+    # -- events and health -------------------------------------------------------------------
+
+    async def events(self, request: Request) -> Response:
+        limit = request.query_params.get("limit", "100")
+        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+            return _invalid([{"field": "limit", "message": "must be an integer from 1 to 10000"}])
+        rows = await self.meter._drive(directory.events(self.meter.core, int(limit)))
+        return _json({"events": rows})
+
+    async def redeliver(self, request: Request) -> Response:
+        event = await self.meter._drive(
+            directory.redeliver(self.meter.core, request.path_params["eid"])
+        )
+        return _json({"redelivered": event["id"]}, 202)
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self.meter.storage.run(Command(("PING",)))
+            storage = "ok"
+        except StorageUnavailable:
+            storage = "unreachable"
+        status = 200 if storage == "ok" else 503
+        return _json({"status": "ok" if status == 200 else "degraded", "storage": storage}, status)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: Request) -> Response:
+        return _json(OPENAPI)
+
+
+ROUTES: list[tuple[str, str, str, bool, type[_Body] | None, str]] = [
+    (
+        "PUT",
+        "/v1/customers/{id}",
+        "put_customer",
+        True,
+        CustomerBody,
+        "Create or replace a customer",
+    ),
+    (
+        "GET",
+        "/v1/customers/{id}",
+        "get_customer",
+        False,
+        None,
+        "A customer, its entitlement and balances",
+    ),
+    (
+        "POST",
+        "/v1/customers/{id}/api-keys",
+        "issue_key",
+        True,
+        None,
+        "Issue an API key (shown once)",
+    ),
+    (
+        "DELETE",
+        "/v1/customers/{id}/api-keys/{key_id}",
+        "revoke_key",
+        True,
+        None,
+        "Revoke an API key",
+    ),
+    (
+        "PUT",
+        "/v1/customers/{id}/entitlement",
+        "put_entitlement",
+        True,
+        EntitlementBody,
+        "Change plan, anchor or timezone",
+    ),
+    ("GET", "/v1/customers/{id}/usage", "get_usage", False, None, "Usage per metric"),
+    (
+        "POST",
+        "/v1/customers/{id}/usage",
+        "post_usage",
+        True,
+        UsageBody,
+        "Record usage outside a request",
+    ),
+    (
+        "POST",
+        "/v1/customers/{id}/assets/{metric}/{action:suspend|resume}",
+        "suspend_asset",
+        True,
+        None,
+        "Suspend or resume an asset",
+    ),
+    ("GET", "/v1/customers/{id}/balances/{name}", "get_balance", False, None, "A balance"),
+    (
+        "POST",
+        "/v1/customers/{id}/balances/{name}/{action:topup|withdraw}",
+        "move_balance",
+        True,
+        PositiveAmountBody,
+        "Top up or withdraw",
+    ),
+    (
+        "POST",
+        "/v1/customers/{id}/balances/{name}/{action:suspend|resume}",
+        "flag_balance",
+        True,
+        None,
+        "Suspend or resume a balance",
+    ),
+    (
+        "POST",
+        "/v1/customers/{id}/balances/{name}/reservations",
+        "reserve",
+        True,
+        ReservationBody,
+        "Hold an amount",
+    ),
+    (
+        "POST",
+        "/v1/reservations/{rid}/{action:commit|release}",
+        "close_reservation",
+        True,
+        AmountBody,
+        "Commit or release a reservation",
+    ),
+    ("GET", "/v1/customers/{id}/ledger", "ledger", False, None, "Balance mutations, newest first"),
+    ("GET", "/v1/events", "events", False, None, "The outbox"),
+    ("POST", "/v1/events/{eid}/redeliver", "redeliver", True, None, "Deliver an event again"),
+]
+
+
+def _with_action(handler: Handler, action: str | None) -> Handler:
+    if action is None:
+        return handler
+
+    async def endpoint(request: Request) -> Response:
+        request.scope["path_params"]["action"] = action
+        return await handler(request)
+
+    return endpoint
+
+
+def _openapi() -> dict[str, Any]:
+    import re
+
+    paths: dict[str, Any] = {}
+    for method, path, name, mutation, model, summary in ROUTES:
+        for choice_path in _expand_choices(path):
+            op: dict[str, Any] = {
+                "operationId": name + "_" + re.sub(r"\W+", "_", choice_path).strip("_"),
+                "summary": summary,
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for p in re.findall(r"\{(\w+)\}", choice_path)
+                ],
+                "responses": {
+                    "200": {"description": "OK"},
+                    "401": {"description": "no or wrong admin token"},
+                    "404": {"description": "not found"},
+                    "422": {"description": "invalid request"},
+                },
+            }
+            if mutation:
+                op["parameters"].append(
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    }
+                )
+            if model is not None:
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": model.model_json_schema()}},
+                }
+            paths.setdefault(choice_path, {})[method.lower()] = op
+    paths["/healthz"] = {"get": {"summary": "Health", "responses": {"200": {"description": "OK"}}}}
+    paths["/metrics"] = {
+        "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metergate admin API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+def _expand_choices(path: str) -> list[str]:
+    return [p for p, _ in _choices(path)]
+
+
+def _choices(path: str) -> list[tuple[str, str | None]]:
+    """Expand `{action:a|b}` into one literal path per choice, with the choice."""
+    import re
+
+    match = re.search(r"\{(\w+):([^}]+)\}", path)
+    if not match:
+        return [(path, None)]
+    return [
+        (path[: match.start()] + choice + path[match.end() :], choice)
+        for choice in match.group(2).split("|")
+    ]
+
+
+OPENAPI = _openapi()
+
+
+def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starlette:
+    """Return the admin API as an ASGI app (mount it anywhere, or let `metergate serve` run it)."""
+    cfg = as_config(config)
+    api = AdminAPI(meter or AsyncMeter(cfg), cfg.admin.token)
+    routes = [
+        Route(
+            literal,
+            api.guard(_with_action(getattr(api, name), action), mutation=mutation),
+            methods=[method],
+        )
+        for method, path, name, mutation, _model, _summary in ROUTES
+        for literal, action in _choices(path)
+    ]
+    routes += [
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/metrics", api.guard(api.metrics), methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.api = api
+    return app

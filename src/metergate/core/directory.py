@@ -1,0 +1,145 @@
+"""Flows for the admin side: customer records, API keys, and the outbox listing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Any
+
+from metergate.config import hash_api_key
+from metergate.core.errors import NotFound
+from metergate.core.flows import Command, Entitlement, Flow, MeterCore
+
+__all__ = [
+    "customer_view",
+    "events",
+    "find_entitlement",
+    "issue_api_key",
+    "redeliver",
+    "revoke_api_key",
+]
+
+
+def find_entitlement(core: MeterCore, customer: str) -> Flow[Entitlement | None]:
+    """Return a customer's stored entitlement, read fresh (after loading configured customers)."""
+    yield from core.bootstrap()
+    core._entitlements.pop(customer, None)
+    return (yield from core.entitlement(customer))
+
+
+def _key_id(key_hash: str) -> str:
+    return key_hash.removeprefix("sha256:")[:16]
+
+
+def issue_api_key(core: MeterCore, customer: str) -> Flow[dict[str, str]]:
+    """Issue a new API key: the plain key is returned once, only its hash is stored."""
+    ent = yield from find_entitlement(core, customer)
+    if ent is None:
+        raise NotFound(f"customer '{customer}' does not exist")
+    plain = "mg_" + secrets.token_urlsafe(24)
+    digest = hash_api_key(plain)
+    yield Command(("HSET", core.keys.api_keys, digest, customer))
+    yield Command(("HSET", _customer_keys(core, customer), _key_id(digest), digest))
+    return {"id": _key_id(digest), "key": plain}
+
+
+def _customer_keys(core: MeterCore, customer: str) -> str:
+    return f"{core.keys.tag(customer)}:keys:{customer}"
+
+
+def revoke_api_key(core: MeterCore, customer: str, key_id: str) -> Flow[None]:
+    """Revoke one of a customer's API keys by its id."""
+    digest = yield Command(("HGET", _customer_keys(core, customer), key_id))
+    if not digest:
+        # keys from the config file are indexed by their hash only
+        configured = core.config.customers.get(customer)
+        for candidate in configured.api_keys if configured else []:
+            if _key_id(candidate) == key_id:
+                digest = candidate
+    if not digest:
+        raise NotFound(f"API key '{key_id}' of customer '{customer}' does not exist")
+    owner = yield Command(("HGET", core.keys.api_keys, digest))
+    if owner != customer:
+        raise NotFound(f"API key '{key_id}' of customer '{customer}' does not exist")
+    yield Command(("HDEL", core.keys.api_keys, digest))
+    yield Command(("HDEL", _customer_keys(core, customer), key_id))
+
+
+def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
+    """Return a customer's entitlement, key ids and balance names as the admin API shows them."""
+    ent = yield from find_entitlement(core, customer)
+    if ent is None:
+        raise NotFound(f"customer '{customer}' does not exist")
+    key_ids = yield Command(("HKEYS", _customer_keys(core, customer)))
+    configured = core.config.customers.get(customer)
+    ids = set(key_ids or [])
+    if configured is not None:
+        ids |= {_key_id(k) for k in configured.api_keys}
+    balances = {a.balance for a in core.plans.get(ent.plan, {}).values() if a.balance}
+    if configured is not None:
+        balances |= set(configured.balances)
+    return {
+        "id": customer,
+        "entitlement": {
+            "plan": ent.plan,
+            "anchor": ent.anchor.isoformat() if ent.anchor else None,
+            "timezone": ent.timezone,
+        },
+        "api_keys": sorted(ids),
+        "balances": sorted(balances),
+    }
+
+
+def events(core: MeterCore, limit: int = 100) -> Flow[list[dict[str, Any]]]:
+    """Return the newest outbox events of every partition, newest first."""
+    out: list[dict[str, Any]] = []
+    for partition in range(core.keys.partitions):
+        rows = yield Command(
+            ("XREVRANGE", core.keys.outbox(partition), "+", "-", "COUNT", str(limit))
+        )
+        for stream_id, fields in rows or []:
+            out.append(_event(stream_id, fields, partition))
+    out.sort(key=lambda e: (e["time"], e["stream_id"]), reverse=True)
+    return out[:limit]
+
+
+def _event(stream_id: str, fields: Any, partition: int) -> dict[str, Any]:
+    data = (
+        dict(zip(fields[::2], fields[1::2], strict=True))
+        if isinstance(fields, list)
+        else dict(fields)
+    )
+    return {
+        "id": data.get("id"),
+        "type": data.get("type"),
+        "customer": data.get("customer"),
+        "time": int(data.get("time", 0)),
+        "data": json.loads(data.get("data", "{}")),
+        "stream_id": stream_id,
+        "partition": partition,
+    }
+
+
+def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
+    """Append a copy of an event (same id) to its partition's outbox for delivery again."""
+    customer = (
+        event_id.removeprefix("evt_").rsplit("_", 1)[0] if event_id.startswith("evt_") else None
+    )
+    partitions = [core.keys.partition(customer)] if customer else range(core.keys.partitions)
+    for partition in partitions:
+        rows = yield Command(("XRANGE", core.keys.outbox(partition), "-", "+"))
+        for stream_id, fields in reversed(rows or []):
+            event = _event(stream_id, fields, partition)
+            if event["id"] == event_id:
+                flat = (
+                    fields if isinstance(fields, list) else [x for kv in fields.items() for x in kv]
+                )
+                yield Command(("XADD", core.keys.outbox(partition), "*", *flat))
+                return event
+    raise NotFound(f"event '{event_id}' does not exist")
+
+
+def fingerprint(body: bytes) -> str:
+    """Return a short digest of a request body, for Idempotency-Key conflict checks."""
+    return hashlib.sha256(body).hexdigest()[:32]
