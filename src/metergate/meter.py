@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -41,8 +43,16 @@ class Meter:
         self.config = as_config(config)
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_sync(self.config.storage)
+        self._bootstrap_lock = threading.Lock()
 
     def _drive(self, flow: Flow[T]) -> T:
+        if not self.core.bootstrapped:
+            with self._bootstrap_lock:
+                if not self.core.bootstrapped:
+                    self._run(self.core.bootstrap())
+        return self._run(flow)
+
+    def _run(self, flow: Flow[T]) -> T:
         try:
             call = next(flow)
             while True:
@@ -196,8 +206,17 @@ class AsyncMeter:
         self.config = as_config(config)
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_async(self.config.storage)
+        self._bootstrap_lock = asyncio.Lock()
 
     async def _drive(self, flow: Flow[T]) -> T:
+        if not self.core.bootstrapped:
+            # one task loads the configured customers; the others wait instead of repeating it
+            async with self._bootstrap_lock:
+                if not self.core.bootstrapped:
+                    await self._run(self.core.bootstrap())
+        return await self._run(flow)
+
+    async def _run(self, flow: Flow[T]) -> T:
         try:
             call = next(flow)
             while True:

@@ -6,6 +6,7 @@ second attempt is after NOSCRIPT, which Redis answers without running anything.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -18,6 +19,7 @@ from redis.retry import Retry
 from metergate.config import StorageConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.flows import Command, Script
+from metergate.storage.pipelined import PipelinedConnection, RedisReplyError
 from metergate.storage.scripts import load_script
 
 __all__ = ["AsyncStorage", "SyncStorage", "open_async", "open_sync"]
@@ -75,14 +77,32 @@ class SyncStorage:
 
 
 class AsyncStorage:
-    """Runs calls on an asyncio client."""
+    """Runs calls on an asyncio client; script calls on the pipelined connection when given one."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(
+        self, client: Any, pipelined: PipelinedConnection | None = None, timeout_s: float = 1.0
+    ) -> None:
         self.client = client
+        self.pipelined = pipelined
+        self.timeout_s = timeout_s
+
+    async def _script(self, call: Script, conn: PipelinedConnection) -> Any:
+        script = load_script(call.name)
+        args = ("EVALSHA", script.sha, str(len(call.keys)), *call.keys, *call.args)
+        try:
+            return await asyncio.wait_for(conn.call(*args), self.timeout_s)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise redis.ResponseError(str(exc)) from None
+        # NOSCRIPT: nothing ran, so loading and running once more cannot double-apply.
+        await asyncio.wait_for(conn.call("SCRIPT", "LOAD", script.source), self.timeout_s)
+        return await asyncio.wait_for(conn.call(*args), self.timeout_s)
 
     async def run(self, call: Script | Command) -> Any:
         """Run one script call or command and return its reply."""
         try:
+            if isinstance(call, Script) and self.pipelined is not None:
+                return await self._script(call, self.pipelined)
             if isinstance(call, Command):
                 return await self.client.execute_command(*call.args)
             script = load_script(call.name)
@@ -91,11 +111,15 @@ class AsyncStorage:
             except NoScriptError:
                 await self.client.script_load(script.source)
                 return await self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        except TimeoutError as exc:
+            raise StorageUnavailable("storage did not answer in time; outcome unknown") from exc
         except _NETWORK_ERRORS as exc:
             raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
         """Close the connections."""
+        if self.pipelined is not None:
+            await self.pipelined.aclose()
         await self.client.aclose()
 
 
@@ -119,6 +143,15 @@ def open_async(config: StorageConfig) -> AsyncStorage:
 
         client = fakeredis.FakeAsyncRedis(server=_memory_server(url), decode_responses=True)
         return AsyncStorage(client)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://")):
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=max(config.timeout_ms / 1000, 1.0), **_client_options(config)
+        )
+        return AsyncStorage(
+            redis.asyncio.Redis(connection_pool=pool),
+            PipelinedConnection(url, connect_timeout_s=max(config.timeout_ms / 1000, 1.0)),
+            timeout_s=config.timeout_ms / 1000,
+        )
+    if url.startswith("unix://"):
         return AsyncStorage(redis.asyncio.Redis.from_url(url, **_client_options(config)))
     raise ValueError(f"storage.url: unsupported scheme in {url!r}")

@@ -1,0 +1,406 @@
+"""`metergate demo`: a sample upstream, the gateway on the embedded backend, and a guided walk.
+
+One customer is walked through every level and policy: a throttle, overage, a hard limit, a grace
+limit on response-priced tokens, a suspension, running out of credit and a top-up, a reservation,
+and the signed webhooks the billing provider would receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from metergate.config import GatewayConfig, parse_config
+from metergate.serve import _server, serve
+
+__all__ = ["DEMO_ADMIN_TOKEN", "demo_config", "run_demo"]
+
+DEMO_ADMIN_TOKEN = "demo-admin-token-0123456789"
+DEMO_KEY = "demo-key"
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
+    """Return the demo's gateway configuration (small numbers, so every tier is reached fast)."""
+    return parse_config(
+        {
+            "storage": {"url": "memory://demo", "timeout_ms": 1000},
+            "metrics": {
+                "api_calls": {"type": "CumulativeCounter", "unit": "requests"},
+                "tokens": {"type": "CumulativeCounter", "unit": "tokens"},
+                "seats": {"type": "Gauge", "unit": "seats"},
+            },
+            "plans": {
+                "demo": {
+                    "assets": {
+                        "api_calls": {
+                            "period": "month",
+                            "balance": "credits",
+                            "tiers": [
+                                {
+                                    "from": 0,
+                                    "level": "Normal",
+                                    "policy": "NotifyOnly",
+                                    "price": {"per_unit": 1},
+                                },
+                                {
+                                    "from": 4,
+                                    "level": "Warning",
+                                    "policy": "NotifyOnly",
+                                    "price": {"per_unit": 1},
+                                },
+                                {
+                                    "from": 6,
+                                    "level": "Critical",
+                                    "policy": "RateLimit",
+                                    "rate": {"limit": 2, "per": "1s"},
+                                    "price": {"per_unit": 2},
+                                },
+                                {
+                                    "from": 10,
+                                    "level": "OverUsage",
+                                    "policy": "AllowWithOverage",
+                                    "price": {"base": 5, "per_unit": 3},
+                                },
+                                {"from": 14, "level": "OverUsage", "policy": "Deny"},
+                            ],
+                        },
+                        "tokens": {
+                            "period": "month",
+                            "balance": "credits",
+                            "tiers": [
+                                {
+                                    "from": 0,
+                                    "level": "Normal",
+                                    "policy": "NotifyOnly",
+                                    "price": {"per_unit": 1, "per": 100},
+                                },
+                                {
+                                    "from": 2000,
+                                    "level": "OverUsage",
+                                    "policy": "AllowWithGrace",
+                                    "grace": 500,
+                                    "price": {"per_unit": 2, "per": 100},
+                                },
+                            ],
+                        },
+                        "seats": {
+                            "tiers": [
+                                {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
+                                {"from": 3, "level": "Critical", "policy": "NotifyOnly"},
+                                {"from": 5, "level": "OverUsage", "policy": "SuspendUsage"},
+                            ]
+                        },
+                    }
+                }
+            },
+            "customers": {
+                "acme": {
+                    "api_keys": [DEMO_KEY],
+                    "entitlement": {"plan": "demo"},
+                    "balances": {"credits": {"amount": 120, "overage": 10, "low_at": 60}},
+                }
+            },
+            "routes": [
+                {
+                    "path": "/v1/chat",
+                    "methods": ["POST"],
+                    "meter": [
+                        {"metric": "api_calls"},
+                        {
+                            "metric": "tokens",
+                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 800},
+                        },
+                    ],
+                },
+                {"path": "/v1/seats", "meter": [{"metric": "seats"}]},
+                {
+                    "path": "/v1/complete",
+                    "methods": ["POST"],
+                    "meter": [
+                        {
+                            "metric": "tokens",
+                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 800},
+                        }
+                    ],
+                },
+                {"path": "/v1/{rest:path}", "meter": [{"metric": "api_calls"}]},
+            ],
+            "proxy": {"upstream": f"http://127.0.0.1:{upstream_port}", "timeout_s": 10},
+            "webhooks": [
+                {
+                    "url": f"http://127.0.0.1:{webhook_port}/billing",
+                    "secret": WEBHOOK_SECRET,
+                    "events": ["*"],
+                }
+            ],
+            "usage_report_interval": "5s",
+            "admin": {"token": DEMO_ADMIN_TOKEN},
+        }
+    )
+
+
+def _upstream() -> Starlette:
+    async def chat(request: Request) -> Response:
+        body = await request.body()
+        tokens = 300 + 37 * (len(body) % 11)
+        return JSONResponse(
+            {"reply": "hello from the upstream"}, headers={"X-Usage-Tokens": str(tokens)}
+        )
+
+    async def anything(request: Request) -> Response:
+        return JSONResponse({"path": request.url.path, "ok": True})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat", chat, methods=["POST"]),
+            Route("/v1/complete", chat, methods=["POST"]),
+            Route("/{rest:path}", anything, methods=["GET", "POST", "PUT", "DELETE"]),
+        ]
+    )
+
+
+@dataclass
+class Step:
+    """One line of the walk."""
+
+    what: str
+    status: int | str = ""
+    problem: str = ""
+    level: str = ""
+    value: str = ""
+    balance: str = ""
+
+
+class Walk:
+    """Drives the gateway and the admin API, and keeps the table the terminal shows."""
+
+    def __init__(self, proxy: str, admin: str, render: Callable[[], None]) -> None:
+        self.proxy = httpx.AsyncClient(
+            base_url=proxy, headers={"Authorization": f"Bearer {DEMO_KEY}"}
+        )
+        self.admin = httpx.AsyncClient(
+            base_url=admin, headers={"Authorization": f"Bearer {DEMO_ADMIN_TOKEN}"}
+        )
+        self.steps: list[Step] = []
+        self.render = render
+
+    async def call(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self.proxy.request(method, path, **kwargs)
+        problem: dict[str, Any] = {}
+        if response.headers.get("content-type") == "application/problem+json":
+            problem = response.json()
+        self.steps.append(
+            Step(
+                what,
+                response.status_code,
+                problem.get("type", "").rsplit(":", 1)[-1],
+                response.headers.get("metergate-level", ""),
+                response.headers.get("ratelimit", "")[:40],
+                response.headers.get("metergate-balance", ""),
+            )
+        )
+        self.render()
+        return response
+
+    async def act(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self.admin.request(method, path, **kwargs)
+        detail = ""
+        if response.headers.get("content-type", "").startswith("application/json"):
+            data = response.json()
+            if "available" in data:
+                detail = str(data["available"])
+        self.steps.append(Step(what, response.status_code, balance=detail))
+        self.render()
+        return response
+
+    async def run(self) -> None:
+        for i in range(4):
+            await self.call(f"call {i + 1}: Normal tier, 1 credit each", "GET", "/v1/things")
+        for i in range(2):
+            await self.call(f"call {5 + i}: Warning tier", "GET", "/v1/things")
+        for i in range(4):
+            await self.call(f"call {7 + i}: Critical tier, throttled to 2/s", "GET", "/v1/things")
+        await asyncio.sleep(1.1)
+        await self.call("after the Retry-After: admitted again", "GET", "/v1/things")
+        await asyncio.sleep(1.1)
+        for i in range(5):
+            response = await self.call("OverUsage: allowed, priced as overage", "GET", "/v1/things")
+            if response.status_code == 429 and "rate" in response.text:
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+        for i in range(3):
+            response = await self.call(
+                "chat: tokens priced from the response", "POST", "/v1/chat", content=b"hi" * i
+            )
+        await self.act(
+            "top up 500 credits (admin API)",
+            "POST",
+            "/v1/customers/acme/balances/credits/topup",
+            json={"amount": 500},
+        )
+        for i in range(4):
+            await self.call(
+                "chat: more tokens, into the grace tier", "POST", "/v1/chat", content=b"x" * i
+            )
+        held = await self.act(
+            "reserve 50 credits for 60 s",
+            "POST",
+            "/v1/customers/acme/balances/credits/reservations",
+            json={"amount": 50, "ttl_s": 60},
+        )
+        if held.status_code == 201:
+            reservation = held.json()["id"]
+            await self.act(
+                "commit 20 of the 50 held",
+                "POST",
+                f"/v1/reservations/{reservation}/commit",
+                json={"amount": 20},
+            )
+        for seats in (2, 4, 6):
+            await self.act(
+                f"report {seats} seats in use",
+                "POST",
+                "/v1/customers/acme/usage",
+                json={"metric": "seats", "value": seats},
+            )
+        await self.call("seats over the limit: suspended", "GET", "/v1/seats")
+        await self.act("resume the seats asset", "POST", "/v1/customers/acme/assets/seats/resume")
+        await self.act(
+            "withdraw the rest of the credits",
+            "POST",
+            "/v1/customers/acme/balances/credits/withdraw",
+            json={"amount": await self._available()},
+        )
+        await self.call("completion drawing on the overage", "POST", "/v1/complete")
+        await self.call("completion with no credit left", "POST", "/v1/complete")
+
+    async def _available(self) -> int:
+        response = await self.admin.get("/v1/customers/acme/balances/credits")
+        return max(1, int(response.json()["available"]))
+
+    async def aclose(self) -> None:
+        await self.proxy.aclose()
+        await self.admin.aclose()
+
+
+async def _receiver(received: list[dict[str, Any]], port: int) -> Any:
+    async def billing(request: Request) -> Response:
+        body = await request.body()
+        received.append({"id": request.headers.get("webhook-id"), **json.loads(body)})
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/billing", billing, methods=["POST"])])
+    return _server(app, "127.0.0.1", port)
+
+
+def _table(walk: Walk | None, events: list[dict[str, Any]]) -> Table:
+    table = Table(title="metergate demo: customer acme on plan 'demo'", expand=False)
+    table.add_column("step", no_wrap=True, max_width=44)
+    for column in ("status", "problem", "level", "RateLimit", "credits"):
+        table.add_column(column, no_wrap=True, max_width=28)
+    for step in (walk.steps if walk else [])[-30:]:
+        color = "green" if str(step.status).startswith("2") else "red"
+        table.add_row(
+            step.what,
+            f"[{color}]{step.status}[/]",
+            step.problem,
+            step.level,
+            step.value,
+            step.balance,
+        )
+    kinds: dict[str, int] = {}
+    for event in events:
+        kinds[event.get("type", "?")] = kinds.get(event.get("type", "?"), 0) + 1
+    summary = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none yet"
+    table.caption = f"webhooks received: {summary}"
+    return table
+
+
+async def run_demo(*, keep_running: bool = False, console: Console | None = None) -> int:
+    """Run the whole demo; return the process exit status."""
+    console = console or Console(width=None if Console().is_terminal else 140)
+    upstream_port, webhook_port, port, admin_port = (_free_port() for _ in range(4))
+    config = demo_config(upstream_port, webhook_port)
+    events: list[dict[str, Any]] = []
+    upstream = _server(_upstream(), "127.0.0.1", upstream_port)
+    receiver = await _receiver(events, webhook_port)
+    side = [asyncio.ensure_future(upstream.serve()), asyncio.ensure_future(receiver.serve())]
+    ready, stop = asyncio.Event(), asyncio.Event()
+    gateway = asyncio.ensure_future(
+        serve(
+            config,
+            port=port,
+            admin_port=admin_port,
+            ready=ready.set,
+            stop=stop,
+            background=_worker(),
+        )
+    )
+    while not (ready.is_set() and upstream.started and receiver.started):
+        await asyncio.sleep(0.02)
+    walk: Walk | None = None
+    with Live(_table(None, events), console=console, refresh_per_second=8, transient=False) as live:
+        walk = Walk(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{admin_port}",
+            lambda: live.update(_table(walk, events)),
+        )
+        await walk.run()
+        for _ in range(30):  # let the worker deliver what the walk caused
+            live.update(_table(walk, events))
+            await asyncio.sleep(0.1)
+    await walk.aclose()
+    console.print(
+        f"\n[bold]{len(events)}[/] signed webhooks delivered to http://127.0.0.1:{webhook_port}/billing"
+    )
+    console.print("\nTry it by hand:")
+    console.print(
+        f"  curl -i -H 'Authorization: Bearer {DEMO_KEY}' http://127.0.0.1:{port}/v1/things"
+    )
+    console.print(
+        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/usage"
+    )
+    console.print(
+        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/ledger"
+    )
+    console.print(
+        f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' -d '{{\"amount\": 100}}' http://127.0.0.1:{admin_port}/v1/customers/acme/balances/credits/topup"
+    )
+    if keep_running:
+        console.print("\nThe gateway keeps running; press Ctrl-C to stop.")
+        await gateway
+    else:
+        console.print("\n(run `metergate demo --keep-running` to keep the gateway up for these)")
+    stop.set()
+    upstream.should_exit = receiver.should_exit = True
+    await asyncio.gather(*side, return_exceptions=True)
+    await asyncio.gather(gateway, return_exceptions=True)
+    return 0
+
+
+def _worker() -> Any:
+    """Return the background worker coroutine factory, if the worker is available."""
+    try:
+        from metergate.worker import run_worker  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return run_worker
