@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
 import hashlib
+import ipaddress
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
 
 __all__ = [
     "LEVELS",
@@ -41,9 +55,12 @@ POLICIES: tuple[str, ...] = (
 MAX_SAFE_INT = 2**53 - 1
 
 Level = Literal["Normal", "Warning", "Critical", "OverUsage"]
-Policy = Literal["NotifyOnly", "AllowWithOverage", "AllowWithGrace", "RateLimit", "Deny", "SuspendUsage"]
+Policy = Literal[
+    "NotifyOnly", "AllowWithOverage", "AllowWithGrace", "RateLimit", "Deny", "SuspendUsage"
+]
 MetricType = Literal["CumulativeCounter", "TotalCounter", "Gauge", "UpDownCounter"]
 PeriodName = Literal["day", "week", "month", "year"]
+COUNTERS = ("CumulativeCounter", "TotalCounter")
 
 
 class ConfigError(Exception):
@@ -52,10 +69,13 @@ class ConfigError(Exception):
     def __init__(self, errors: list[tuple[str, str]], source: str | None = None) -> None:
         self.errors = errors
         self.source = source
-        where = f"{source}: " if source else ""
-        lines = [f"{path}: {message}" if path else message for path, message in errors]
-        super().__init__(where + "invalid configuration\n  " + "\n  ".join(lines))
+        count = f"{len(errors)} error{'' if len(errors) == 1 else 's'}"
+        header = f"{source}: invalid ({count})" if source else f"invalid configuration ({count})"
+        lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in errors]
+        super().__init__("\n".join([header, *lines]))
 
+
+# Field checks: each raises ValueError with a plain message; pydantic puts it at the field's path.
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
@@ -63,21 +83,103 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, No
 
 def _duration_ms(value: Any) -> int:
     """Read a duration (an integer of seconds, or `<int><unit>`) as integer milliseconds."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError("must be an integer of seconds or a string like '90s', '1m', '100ms'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value * 1000
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return int(match.group(1)) * _UNIT_MS[match.group(2)]
-    raise ValueError(f"{value!r} is not a duration: use seconds or '<int><ms|s|m|h|d>'")
+    ms = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms = value * 1000
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
+    if ms is None:
+        raise ValueError(f"must be a duration like 90, '90s', '1m' or '100ms', not {_show(value)}")
+    if ms <= 0:
+        raise ValueError("must be longer than 0")
+    return ms
+
+
+def _key_prefix(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError("may only contain letters, digits, '_', '.' and '-'")
+    return value
+
+
+_STORAGE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster")
+
+
+def _storage_url(value: str) -> str:
+    # The URL may hold a password, so the message names the scheme only.
+    scheme = value.partition("://")[0] if "://" in value else ""
+    if scheme not in _STORAGE_SCHEMES:
+        schemes = ", ".join(f"{s}://" for s in _STORAGE_SCHEMES)
+        raise ValueError(f"unsupported scheme '{scheme}': use one of {schemes}")
+    return value
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network like '10.0.0.0/8'") from None
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone '{value}'") from None
+    return value
+
+
+_PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::path)?\}")
+
+
+def _path_template(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    names: set[str] = set()
+    for segment in value.split("/"):
+        if "{" not in segment and "}" not in segment:
+            continue
+        match = _PARAMETER.fullmatch(segment)
+        if match is None:
+            raise ValueError(
+                f"segment '{segment}' must be literal text, '{{name}}' or '{{name:path}}'"
+            )
+        if match.group(1) in names:
+            raise ValueError(f"parameter '{match.group(1)}' appears twice")
+        names.add(match.group(1))
+    return value
+
+
+def _webhook_secret(value: str) -> str:
+    # Standard Webhooks: `whsec_` and the base64 of the key. Never echo the secret in a message.
+    if not value.startswith("whsec_"):
+        raise ValueError("must start with 'whsec_'")
+    encoded = value.removeprefix("whsec_")
+    try:
+        # Padding may be left out, as the worker's signer allows.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("must be 'whsec_' followed by base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"must encode 24 to 64 bytes, not {len(key)}")
+    return value
+
+
+def _stored_key(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if value.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ValueError("starts with 'sha256:' but is not followed by 64 lowercase hex digits")
+    return hash_api_key(value)
 
 
 DurationMs = Annotated[int, BeforeValidator(_duration_ms)]
-"""A duration, given as seconds or `<int><unit>`, held as integer milliseconds."""
+"""A duration, given as seconds or `<int><unit>`, held as integer milliseconds (always > 0)."""
 
 Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
 
@@ -89,9 +191,9 @@ class _Model(BaseModel):
 class StorageConfig(_Model):
     """Where counters, balances and the outbox live."""
 
-    url: str = "memory://"
+    url: Annotated[str, AfterValidator(_storage_url)] = "memory://"
     """`memory://` (embedded), `redis://`, `rediss://` or `redis+cluster://host:port[,host:port]`."""
-    prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_.-]+$")
+    prefix: Annotated[str, AfterValidator(_key_prefix)] = "mg"
     """Every key starts with this."""
     timeout_ms: Annotated[StrictInt, Field(gt=0)] = 100
     """Budget for one admission round trip."""
@@ -116,7 +218,7 @@ class RateConfig(_Model):
 
 
 class PriceConfig(_Model):
-    """Credits charged per unit within a tier: `per_unit` per `per` units, plus `base` once per period."""
+    """Credits charged within a tier: `per_unit` per `per` units, plus `base` once per period."""
 
     per_unit: Amount = 0
     per: Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)] = 1
@@ -167,25 +269,20 @@ class EntitlementConfig(_Model):
 
     plan: str
     anchor: datetime | None = None
-    timezone: str = "UTC"
-
-
-def _hash_keys(value: Any) -> Any:
-    if isinstance(value, list):
-        return [hash_api_key(k) if isinstance(k, str) else k for k in value]
-    return value
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
 
 
 class CustomerConfig(_Model):
     """A customer: API keys (kept hashed), the entitlement and named balances."""
 
-    api_keys: Annotated[list[str], BeforeValidator(_hash_keys)] = []
+    api_keys: list[Annotated[str, AfterValidator(_stored_key)]] = []
+    """Plain keys are hashed on load; `sha256:<hex>` keys are kept as they are."""
     entitlement: EntitlementConfig
     balances: dict[str, BalanceConfig] = {}
 
 
 class CostConfig(_Model):
-    """A cost read from a request header, or from a response header with a reserve held meanwhile."""
+    """Cost read from a request header, or from a response header holding a reserve meanwhile."""
 
     header: str | None = None
     response_header: str | None = None
@@ -202,7 +299,8 @@ class MeterConfig(_Model):
 class RouteConfig(_Model):
     """A path template (`/v1/{rest:path}`) and methods, and what a matching request meters."""
 
-    path: str = Field(pattern=r"^/")
+    path: Annotated[str, AfterValidator(_path_template)]
+    """Literal segments, `{name}` (one segment) and `{name:path}` (the rest, slashes included)."""
     methods: list[str] | None = None
     meter: list[MeterConfig] = []
     reserve_ttl: DurationMs = 300_000
@@ -218,24 +316,26 @@ class IdentityConfig(_Model):
 class ProxyConfig(_Model):
     """The upstream of the standalone reverse proxy."""
 
-    upstream: str = "http://127.0.0.1:9000"
+    upstream: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:9000"
     timeout_s: Annotated[StrictInt, Field(gt=0)] = 30
     max_body_bytes: Annotated[StrictInt, Field(gt=0)] = 10 * 1024 * 1024
-    trusted_proxies: list[str] = []
+    trusted_proxies: list[Annotated[str, AfterValidator(_network)]] = []
+    """CIDRs whose `X-Forwarded-*` headers are kept, normalised (`10.0.0.1/8` is `10.0.0.0/8`)."""
 
 
 class WebhookConfig(_Model):
     """A webhook endpoint, its Standard Webhooks secret and the event patterns it receives."""
 
-    url: str
-    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]+$")
+    url: Annotated[str, AfterValidator(_http_url)]
+    secret: Annotated[str, AfterValidator(_webhook_secret)]
+    """`whsec_` followed by the base64 of 24 to 64 random bytes."""
     events: list[str] = ["*"]
 
 
 class AdminConfig(_Model):
     """The admin API."""
 
-    token: str | None = Field(None, min_length=16)
+    token: str | None = Field(default=None, min_length=16)
 
 
 class GatewayConfig(_Model):
@@ -261,14 +361,221 @@ def hash_api_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
+# Turning pydantic's errors into `path: message` in the words of the file the user wrote.
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Where(NamedTuple):
+    path: str
+    model: type[BaseModel] | None
+    """The model the location's last key was looked up in (for 'did you mean')."""
+    union_member: Literal["model", "value"] | None
+    """Which member of a union (`cost: 1` or `cost: {...}`) the error came from, if any."""
+
+
+def _bare(tp: Any) -> Any:
+    """Strip `Annotated` and an optional `| None`; pydantic adds no location step for either."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif (
+            get_origin(tp) in (Union, UnionType)
+            and len(get_args(tp)) == 2
+            and NoneType in get_args(tp)
+        ):
+            tp = next(a for a in get_args(tp) if a is not NoneType)
         else:
-            out += ("." if out else "") + part
-    return out
+            return tp
+
+
+def _locate(loc: tuple[int | str, ...], root: type[BaseModel]) -> _Where:
+    """Render an error location as the user's path by walking the models it passes through.
+
+    A union field's errors carry the member pydantic tried (`constrained-int`, `CostConfig`) as an
+    extra step the user never wrote; only walking the types tells that step from a user's key.
+    """
+    path, model = "", None
+    member: Literal["model", "value"] | None = None
+    tp: Any = root
+    for part in loc:
+        tp = _bare(tp)
+        origin = get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            model = tp
+            field = next(
+                (f for n, f in tp.model_fields.items() if part in (n, f.alias)),
+                None,
+            )
+            tp = field.annotation if field else None
+        elif origin in (Union, UnionType):
+            hit = next((m for m in get_args(tp) if getattr(m, "__name__", None) == part), None)
+            member, tp = ("model", hit) if hit else ("value", None)
+            continue
+        elif origin is list:
+            tp = get_args(tp)[0]
+        elif origin is dict:
+            tp = get_args(tp)[1]
+        else:
+            tp = None
+        path += f"[{part}]" if origin is list else f".{part}" if path else str(part)
+    return _Where(path, model, member)
+
+
+_KIND = {
+    "int": "an integer",
+    "string": "a string",
+    "bool": "true or false",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "list": "a list",
+}
+
+
+def _message(err: ErrorDetails, where: _Where) -> str:
+    kind, value, ctx = err["type"], err["input"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        known = [f.alias or n for n, f in where.model.model_fields.items()] if where.model else []
+        close = difflib.get_close_matches(key, known, n=1)
+        return f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+    if kind == "missing":
+        return "is required"
+    if kind.endswith("_type") and kind.removesuffix("_type") in _KIND:
+        expected = _KIND[kind.removesuffix("_type")]
+        if where.union_member == "value":
+            expected += " or a mapping"
+        return f"must be {expected}, not {_show(value)}"
+    if kind in ("int_from_float", "int_parsing"):
+        return f"must be an integer, not {_show(value)}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}, not {_show(value)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+        bound = {"greater_than": "greater than", "greater_than_equal": "at least"}
+        limit = ctx.get("gt", ctx.get("ge", ctx.get("le")))
+        return f"must be {bound.get(kind, 'at most')} {limit}, not {_show(value)}"
+    if kind == "too_short":
+        return "must not be empty" if ctx["min_length"] == 1 else err["msg"]
+    if kind == "string_too_short":
+        return f"must be at least {ctx['min_length']} characters long"  # never echo a secret
+    if kind.startswith(("datetime", "date_")):
+        return f"must be a date-time like '2026-01-15T00:00:00', not {_show(value)}"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    return err["msg"].replace("Input should be", "must be")
+
+
+def _pydantic_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple[str, str]]:
+    """List a ValidationError of `root` as (path, message) pairs, one per path, in plain words."""
+    seen: dict[str, str] = {}
+    for err in exc.errors():
+        key_error = "[key]" in err["loc"]
+        where = _locate(tuple(p for p in err["loc"] if p != "[key]"), root)
+        if where.union_member == "value" and isinstance(err["input"], Mapping):
+            continue  # a mapping was written: the mapping member's errors say what is wrong
+        if where.union_member == "model" and err["type"] == "model_type":
+            continue  # a scalar was written: the scalar member's errors say what is wrong
+        if key_error:
+            message = f"the name {_show(err['input'])} must be a string (quote it)"
+        else:
+            message = _message(err, where)
+        seen.setdefault(where.path, message)
+    return list(seen.items())
+
+
+def _check_tiers(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for pname, plan in cfg.plans.items():
+        for mname, asset in plan.assets.items():
+            base = f"plans.{pname}.assets.{mname}"
+            metric = cfg.metrics.get(mname)
+            if metric is None:
+                errors.append((base, f"metric '{mname}' is not defined in metrics"))
+            elif metric.type == "UpDownCounter" and asset.period is not None:
+                errors.append((f"{base}.period", "an UpDownCounter is never reset by a period"))
+            elif metric.type in COUNTERS and asset.period is None:
+                errors.append((f"{base}.period", f"a {metric.type} needs a period"))
+            tiers = asset.tiers
+            if tiers[0].from_ != 0:
+                errors.append((f"{base}.tiers[0].from", "the first tier must start at 0"))
+            for i, tier in enumerate(tiers):
+                at = f"{base}.tiers[{i}]"
+                if i and tier.from_ <= tiers[i - 1].from_:
+                    message = f"tiers must ascend: {tier.from_} is not above {tiers[i - 1].from_}"
+                    errors.append((f"{at}.from", message))
+                grace_wanted = tier.policy == "AllowWithGrace"
+                if grace_wanted and tier.grace is None:
+                    errors.append((f"{at}.grace", "AllowWithGrace needs a grace"))
+                if not grace_wanted and tier.grace is not None:
+                    errors.append((f"{at}.grace", "grace only applies to AllowWithGrace"))
+                rate_wanted = tier.policy == "RateLimit"
+                if rate_wanted and tier.rate is None:
+                    errors.append((f"{at}.rate", "RateLimit needs a rate: {limit, per}"))
+                if not rate_wanted and tier.rate is not None:
+                    errors.append((f"{at}.rate", "rate only applies to RateLimit"))
+                if tier.price is None or metric is None:
+                    continue
+                if metric.type not in COUNTERS:
+                    errors.append(
+                        (f"{at}.price", f"price is only valid on counters, not on a {metric.type}")
+                    )
+                elif asset.balance is None:
+                    errors.append((f"{at}.price", "a priced tier needs the asset's balance"))
+    return errors
+
+
+def _check_customers(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    key_owner: dict[str, str] = {}
+    for cname, customer in cfg.customers.items():
+        base = f"customers.{cname}"
+        for i, key in enumerate(customer.api_keys):
+            owner = key_owner.setdefault(key, cname)
+            if owner != cname:
+                errors.append((f"{base}.api_keys[{i}]", f"customer '{owner}' has the same key"))
+        plan = cfg.plans.get(customer.entitlement.plan)
+        if plan is None:
+            message = f"plan '{customer.entitlement.plan}' is not defined in plans"
+            errors.append((f"{base}.entitlement.plan", message))
+            continue
+        drawn = dict.fromkeys(a.balance for a in plan.assets.values() if a.balance is not None)
+        for bname in drawn:
+            if bname not in customer.balances:
+                message = f"plan '{customer.entitlement.plan}' draws balance '{bname}'"
+                errors.append((f"{base}.balances", f"{message}, which is missing"))
+    return errors
+
+
+def _check_routes(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for i, route in enumerate(cfg.routes):
+        metered: set[str] = set()
+        for j, meter in enumerate(route.meter):
+            at = f"routes[{i}].meter[{j}]"
+            if meter.metric not in cfg.metrics:
+                message = f"metric '{meter.metric}' is not defined in metrics"
+                errors.append((f"{at}.metric", message))
+            elif meter.metric in metered:
+                errors.append((f"{at}.metric", f"metric '{meter.metric}' is metered twice"))
+            metered.add(meter.metric)
+            cost = meter.cost
+            if not isinstance(cost, CostConfig):
+                continue
+            if (cost.header is None) == (cost.response_header is None):
+                errors.append((f"{at}.cost", "give exactly one of header or response_header"))
+            elif cost.response_header is not None and cost.reserve is None:
+                errors.append((f"{at}.cost.reserve", "response_header needs a reserve"))
+            elif cost.header is not None and cost.reserve is not None:
+                errors.append((f"{at}.cost.reserve", "reserve only applies to response_header"))
+    return errors
+
+
+def _cross_check(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    """Check what no single field can: references between sections and rules across fields."""
+    return _check_tiers(cfg) + _check_customers(cfg) + _check_routes(cfg)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -282,7 +589,8 @@ def _expand_env(
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
-                errors.append((_path(loc), f"environment variable {name} is not set"))
+                path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+                errors.append((path.lstrip("."), f"environment variable {name} is not set"))
                 return ""
             return env[name]
 
@@ -294,130 +602,81 @@ def _expand_env(
     return node
 
 
-# pydantic adds the union member it tried (`int`, `CostConfig`) to locations; users never wrote those.
-_UNION_TAGS = {"int", "constrained-int", "CostConfig", "function-before[_duration_ms(), int]"}
-
-
-def _pydantic_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = f"unknown key '{loc[-1]}'"
-        elif err["type"] == "missing":
-            message = "is required"
-        seen.setdefault(_path(loc), message)
-    return list(seen.items())
-
-
-def _cross_check(cfg: GatewayConfig) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    for pname, plan in cfg.plans.items():
-        for mname, asset in plan.assets.items():
-            base = f"plans.{pname}.assets.{mname}"
-            metric = cfg.metrics.get(mname)
-            if metric is None:
-                errors.append((base, f"metric '{mname}' is not defined in metrics"))
-            tiers = asset.tiers
-            if tiers[0].from_ != 0:
-                errors.append((f"{base}.tiers[0].from", "the first tier must start at 0"))
-            for i, tier in enumerate(tiers):
-                at = f"{base}.tiers[{i}]"
-                if i and tier.from_ <= tiers[i - 1].from_:
-                    errors.append(
-                        (f"{at}.from", f"tiers must ascend: {tier.from_} is not above the previous")
-                    )
-                if tier.policy == "AllowWithGrace" and tier.grace is None:
-                    errors.append((f"{at}.grace", "AllowWithGrace needs a grace"))
-                if tier.policy != "AllowWithGrace" and tier.grace is not None:
-                    errors.append((f"{at}.grace", f"grace only applies to AllowWithGrace"))
-                if tier.policy == "RateLimit" and tier.rate is None:
-                    errors.append((f"{at}.rate", "RateLimit needs a rate: {limit, per}"))
-                if tier.policy != "RateLimit" and tier.rate is not None:
-                    errors.append((f"{at}.rate", "rate only applies to RateLimit"))
-                if tier.rate is not None and tier.rate.per <= 0:
-                    errors.append((f"{at}.rate.per", "must be longer than 0"))
-                if tier.price is not None and metric is not None:
-                    if metric.type not in ("CumulativeCounter", "TotalCounter"):
-                        errors.append(
-                            (f"{at}.price", f"price is only valid on counters, not {metric.type}")
-                        )
-                    elif asset.balance is None:
-                        errors.append((f"{at}.price", "a priced tier needs the asset's balance"))
-            if metric is not None:
-                if metric.type == "UpDownCounter" and asset.period is not None:
-                    errors.append((f"{base}.period", "an UpDownCounter is never reset by a period"))
-                if metric.type in ("CumulativeCounter", "TotalCounter") and asset.period is None:
-                    errors.append((f"{base}.period", f"a {metric.type} needs a period"))
-    balances_used = {
-        (pname, asset.balance)
-        for pname, plan in cfg.plans.items()
-        for asset in plan.assets.values()
-        if asset.balance
-    }
-    for cname, customer in cfg.customers.items():
-        ent = customer.entitlement
-        base = f"customers.{cname}"
-        if ent.plan not in cfg.plans:
-            errors.append((f"{base}.entitlement.plan", f"plan '{ent.plan}' is not defined in plans"))
-        try:
-            ZoneInfo(ent.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            errors.append((f"{base}.entitlement.timezone", f"unknown timezone '{ent.timezone}'"))
-        for pname, bname in balances_used:
-            if pname == ent.plan and bname not in customer.balances:
-                errors.append(
-                    (f"{base}.balances", f"plan '{pname}' draws balance '{bname}', which is missing")
-                )
-    for i, route in enumerate(cfg.routes):
-        for j, meter in enumerate(route.meter):
-            at = f"routes[{i}].meter[{j}]"
-            if meter.metric not in cfg.metrics:
-                errors.append((f"{at}.metric", f"metric '{meter.metric}' is not defined in metrics"))
-            cost = meter.cost
-            if isinstance(cost, CostConfig):
-                if (cost.header is None) == (cost.response_header is None):
-                    errors.append((f"{at}.cost", "give exactly one of header or response_header"))
-                if cost.response_header is not None and cost.reserve is None:
-                    errors.append((f"{at}.cost.reserve", "response_header needs a reserve"))
-                if cost.header is not None and cost.reserve is not None:
-                    errors.append((f"{at}.cost.reserve", "reserve only applies to response_header"))
-    return errors
-
-
 def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Validate a configuration mapping (after `${ENV}` expansion) into a GatewayConfig."""
-    errors: list[tuple[str, str]] = []
-    expanded = _expand_env(dict(data), (), os.environ if env is None else env, errors)
-    if errors:
-        raise ConfigError(errors)
+    env_errors: list[tuple[str, str]] = []
+    expanded = _expand_env(dict(data), (), os.environ if env is None else env, env_errors)
     try:
         cfg = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_errors(exc)) from None
-    errors = _cross_check(cfg)
+        # A missing variable became "": its field's own complaint would only repeat the problem.
+        reported = {path for path, _ in env_errors}
+        errors = [e for e in _pydantic_errors(exc, GatewayConfig) if e[0] not in reported]
+        raise ConfigError(env_errors + errors) from None
+    errors = env_errors or _cross_check(cfg)
     if errors:
         raise ConfigError(errors)
     return cfg
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse(text: str, suffix: str) -> Any:
+    """Parse the text of a YAML, JSON or TOML file; raise ValueError with a one-line reason."""
+    try:
+        if suffix == ".json":
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"{where}{exc.problem or exc}") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
     """Read and validate a configuration file (YAML, JSON or TOML, by extension)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([("", f"cannot read the file: {exc.strerror}")], source) from None
-    suffix = Path(path).suffix.lower()
+    except UnicodeDecodeError:
+        raise ConfigError([("", "cannot read the file: it is not UTF-8 text")], source) from None
     try:
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        data = _parse(text, Path(path).suffix.lower())
+    except ValueError as exc:
         raise ConfigError([("", f"cannot parse the file: {exc}")], source) from None
     if data is None:
         data = {}
