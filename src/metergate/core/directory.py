@@ -24,7 +24,7 @@ __all__ = [
 def find_entitlement(core: MeterCore, customer: str) -> Flow[Entitlement | None]:
     """Return a customer's stored entitlement, read fresh (after loading configured customers)."""
     yield from core.bootstrap()
-    core._entitlements.pop(customer, None)
+    core.forget(customer)
     return (yield from core.entitlement(customer))
 
 

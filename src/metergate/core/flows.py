@@ -1,4 +1,4 @@
-"""Every metering operation as a sans-I/O flow: a generator that yields storage calls and gets replies.
+"""Every metering operation as a sans-I/O flow: a generator yielding storage calls, getting replies.
 
 `Meter` and `AsyncMeter` drive these flows with a three-line sync or async loop (the model is
 httpx's `Auth.auth_flow`), so the logic exists once and never touches a socket.
@@ -60,7 +60,7 @@ LEDGER_LIMIT = 10_000
 
 
 def check_amount(value: object, field: str, *, signed: bool = False, positive: bool = False) -> int:
-    """Return `value` if it is an integer in the safe range (and sign); raise InvalidAmount otherwise."""
+    """Return `value` if it is a safe integer (of the right sign); raise InvalidAmount otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidAmount(field, f"must be an integer, not {value!r}")
     if abs(value) > MAX_SAFE_INT:
@@ -144,6 +144,15 @@ class MeterCore:
         self.default_lease_ms = default_lease_s * 1000
 
     # -- customers -------------------------------------------------------------------------
+
+    @property
+    def bootstrapped(self) -> bool:
+        """Whether the configured customers have been loaded into storage by this core."""
+        return self._bootstrapped
+
+    def forget(self, customer: str) -> None:
+        """Drop the cached entitlement of a customer; the next operation reads it afresh."""
+        self._entitlements.pop(customer, None)
 
     def bootstrap(self) -> Flow[None]:
         """Load the configured customers into storage without overwriting runtime changes."""
@@ -251,6 +260,11 @@ class MeterCore:
         """Decide and record one admission of (metric, amount) pairs, all or nothing."""
         ops = {m: ("a", check_amount(v, f"amounts.{m}")) for m, v in amounts.items()}
         for metric, estimate in (estimates or {}).items():
+            if metric in ops:
+                raise InvalidAmount(f"estimates.{metric}", "the metric is also in amounts")
+            spec = self.config.metrics.get(metric)
+            if spec is not None and spec.type not in ("CumulativeCounter", "TotalCounter"):
+                raise InvalidAmount(f"estimates.{metric}", f"a {spec.type} cannot be estimated")
             ops[metric] = ("e", check_amount(estimate, f"estimates.{metric}"))
         if not ops:
             raise InvalidAmount("amounts", "name at least one metric")
@@ -260,7 +274,7 @@ class MeterCore:
                 ops,
                 idempotency_key,
                 hold_ttl_ms=hold_ttl_ms,
-                lease_ttl_ms=lease_ttl_ms or self.default_lease_ms,
+                lease_ttl_ms=lease_ttl_ms,
             )
         )
 
@@ -273,7 +287,10 @@ class MeterCore:
         return (yield from self._apply(customer, {metric: ("r", value)}, idempotency_key))
 
     def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Flow[Decision]:
-        """Settle what an admission left open: record actual units of estimates, end leases."""
+        """Settle what an admission left open: record actual units of estimates, end leases.
+
+        A ticket settles once: settling it again returns the first settlement, whatever the actuals.
+        """
         actuals = dict(actuals or {})
         ops: dict[str, tuple[str, int]] = {}
         for metric, estimate in ticket.estimated.items():
@@ -293,6 +310,7 @@ class MeterCore:
                 op_id="s:" + ticket.hold_id,
                 hold_id=ticket.hold_id,
                 plan_name=ticket.plan,
+                fingerprint="settle",
             )
         )
 
@@ -311,6 +329,7 @@ class MeterCore:
         op_id: str | None = None,
         hold_id: str | None = None,
         plan_name: str | None = None,
+        fingerprint: str | None = None,
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
     ) -> Flow[Decision]:
@@ -319,7 +338,8 @@ class MeterCore:
             op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
         ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
         hold_id = hold_id or op_id
-        fingerprint = "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items()))
+        if fingerprint is None:
+            fingerprint = "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items()))
         for _attempt in range(3):
             ent = yield from self.entitlement(customer)
             if ent is None:
@@ -355,7 +375,8 @@ class MeterCore:
                 customer,
                 "" if plan_name else ent.version,
                 hold_id,
-                str(now_ms + (lease_ttl_ms or hold_ttl_ms)),
+                str(now_ms + hold_ttl_ms),
+                str(now_ms + (lease_ttl_ms or self.default_lease_ms)),
                 str(len(assets)),
                 str(len(balances)),
                 *balances,
@@ -411,7 +432,12 @@ class MeterCore:
         akey, axkey = self.keys.asset(customer, metric)
         reply = yield Script(
             "asset",
-            (self.keys.outbox(self.keys.partition(customer)), self.keys.customer(customer), akey, axkey),
+            (
+                self.keys.outbox(self.keys.partition(customer)),
+                self.keys.customer(customer),
+                akey,
+                axkey,
+            ),
             (str(int(now_s * 1000)), customer, "read", metric, asset.kind, ""),
         )
         stored_ps, value, pending, level, overage = (int(x) for x in reply[:5])
@@ -423,17 +449,26 @@ class MeterCore:
                 value, level, overage = 0, 0, 0
         return _usage(asset, value, pending, level, overage, reply[5] == "1", window, -1)
 
-    def suspend_asset(self, customer: str, metric: str, *, resume: bool = False) -> Flow[AssetUsage]:
+    def suspend_asset(
+        self, customer: str, metric: str, *, resume: bool = False
+    ) -> Flow[AssetUsage]:
         """Suspend (or resume) one asset: admissions on it are refused with 403 until resumed."""
         yield from self.bootstrap()
         ent = yield from self.entitlement(customer)
         if ent is None:
             raise NotFound(f"customer '{customer}' does not exist")
         kind = self._metric_kind(metric)
+        if metric not in self.plans[ent.plan]:
+            raise NotFound(f"plan '{ent.plan}' has no configuration for metric '{metric}'")
         akey, axkey = self.keys.asset(customer, metric)
         yield Script(
             "asset",
-            (self.keys.outbox(self.keys.partition(customer)), self.keys.customer(customer), akey, axkey),
+            (
+                self.keys.outbox(self.keys.partition(customer)),
+                self.keys.customer(customer),
+                akey,
+                axkey,
+            ),
             (
                 str(int(self.clock() * 1000)),
                 customer,
@@ -448,7 +483,9 @@ class MeterCore:
     def ledger(self, customer: str, limit: int = 100) -> Flow[list[dict[str, Any]]]:
         """Return the customer's balance mutations, newest first."""
         check_amount(limit, "limit", positive=True)
-        rows = yield Command(("LRANGE", self.keys.ledger(customer), "0", str(min(limit, LEDGER_LIMIT) - 1)))
+        rows = yield Command(
+            ("LRANGE", self.keys.ledger(customer), "0", str(min(limit, LEDGER_LIMIT) - 1))
+        )
         return [json.loads(row) for row in rows]
 
     # -- balances --------------------------------------------------------------------------
@@ -487,13 +524,15 @@ class MeterCore:
         return (yield from self._balance_op(customer, name, op, amount, idempotency_key))
 
     def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> Flow[tuple[str, int]]:
-        """Hold `amount` on a balance for `ttl_s` seconds; return (reservation id, expiry epoch s)."""
+        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s)."""
         yield from self.bootstrap()
         check_amount(amount, "amount", positive=True)
         check_amount(ttl_s, "ttl_s", positive=True)
         rid = _encode_rid(customer, name)
         expires_ms = int(self.clock() * 1000) + ttl_s * 1000
-        yield from self._balance_op(customer, name, "reserve", amount, rid=rid, expiry_ms=expires_ms)
+        yield from self._balance_op(
+            customer, name, "reserve", amount, rid=rid, expiry_ms=expires_ms
+        )
         return rid, math.ceil(expires_ms / 1000)
 
     def close_reservation(self, rid: str, op: str, amount: int = 0) -> Flow[BalanceState]:
@@ -502,7 +541,9 @@ class MeterCore:
         customer, name = _decode_rid(rid)
         if op == "commit":
             check_amount(amount, "amount")
-        return (yield from self._balance_op(customer, name, op, amount, rid=rid, op_id=f"{op}:{rid}"))
+        return (
+            yield from self._balance_op(customer, name, op, amount, rid=rid, op_id=f"{op}:{rid}")
+        )
 
     def _balance_op(
         self,
@@ -550,7 +591,7 @@ class MeterCore:
         if status == "409":
             messages = {
                 "insufficient-credits": f"withdrawing {amount} would take '{name}' below 0",
-                "reservation-closed": f"reservation {rid} was already committed, released or expired",
+                "reservation-closed": f"reservation {rid} was committed, released or expired",
                 "idempotency-conflict": "this idempotency key was used with different parameters",
             }
             raise Conflict(slug, messages.get(slug, slug))

@@ -4,8 +4,9 @@
 --       then per asset i: asset hash, asset expiry zset (pending holds and leases),
 --       then per balance j: balance hash, hold expiry zset.
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
---       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold/lease expiry (epoch ms),
---       9 asset count n, 10 balance count m, then m balance names,
+--       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold expiry (epoch ms, for
+--       estimates and their balance holds), 9 lease expiry (epoch ms, for UpDownCounter admissions),
+--       10 asset count n, 11 balance count m, then m balance names,
 --       then per asset: metric, type (C cumulative, T total, G gauge, U up-down),
 --         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease), amount,
 --         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
@@ -19,12 +20,18 @@
 --   suspended (0/1); then m, per balance: available, amount, held.
 -- Facts (T and G records, settlements, lease ends) are never refused: their consequences
 -- (levels, suspension, charges, even past a balance's floor) are recorded.
+-- A SuspendUsage crossing suspends its asset only when nothing else refuses the admission: a
+-- request refused anyway (another asset suspended, over quota or throttled) would not have crossed.
+-- A settlement is checked from the value without its own estimate, which it replaces.
 
 local now = int(ARGV[1])
 if not now then return bad('now', 'not an integer') end
 local op_id, fp, customer, ver, rid = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7]
-local ttl, hold_exp, n, m = int(ARGV[4]), int(ARGV[8]), int(ARGV[9]), int(ARGV[10])
-if not ttl or not hold_exp or not n or not m then return bad('header', 'not an integer') end
+local ttl, hold_exp, lease_exp = int(ARGV[4]), int(ARGV[8]), int(ARGV[9])
+local n, m = int(ARGV[10]), int(ARGV[11])
+if not ttl or not hold_exp or not lease_exp or not n or not m or n < 1 or m < 0 then
+  return bad('header', 'ttl, expiries and counts must be integers, with at least one asset')
+end
 local outbox, cust_key, ledger_key = KEYS[2], KEYS[3], KEYS[4]
 
 local prior = replay(KEYS[1], fp)
@@ -32,7 +39,13 @@ if prior then return prior end
 if ver ~= '' and redis.call('HGET', cust_key, 'ver') ~= ver then return {'stale'} end
 
 -- Parse and validate everything before the first write: Redis has no rollback.
-local p = 11
+local KINDS = {C = true, T = true, G = true, U = true}
+local MODES = {a = true, e = true, r = true, s = true, x = true}
+local POLICIES = {N = 'NotifyOnly', O = 'AllowWithOverage', G = 'AllowWithGrace', R = 'RateLimit',
+  D = 'Deny', S = 'SuspendUsage'}
+local LEVELS = {'Normal', 'Warning', 'Critical', 'OverUsage'}
+
+local p = 12
 local bal = {}
 for j = 1, m do
   bal[j] = {name = ARGV[p], key = KEYS[4 + 2 * n + 2 * j - 1], xkey = KEYS[4 + 2 * n + 2 * j],
@@ -46,7 +59,8 @@ for i = 1, n do
     bi = int(ARGV[p + 8]), nt = int(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
     tiers = {}, tat = {}}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
-  if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 then
+  if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
+    or not KINDS[a.kind] or not MODES[a.mode] then
     return bad('asset', 'malformed arguments for ' .. a.metric)
   end
   local signed = (a.kind == 'U' and a.mode == 'r')
@@ -57,7 +71,8 @@ for i = 1, n do
       grace = int(ARGV[p + 3]), limit = int(ARGV[p + 4]), per = int(ARGV[p + 5]),
       pu = int(ARGV[p + 6]), pper = int(ARGV[p + 7]), base = int(ARGV[p + 8])}
     if not (t.from and t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
-      or t.pper < 1 then
+      or t.pper < 1 or t.limit < 1 or t.per < 1 or not POLICIES[t.policy] or not LEVELS[t.level + 1]
+      or (k > 1 and t.from <= a.tiers[k - 1].from) then
       return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
     end
     a.tiers[k] = t
@@ -162,7 +177,9 @@ end
 for i = 1, n do
   local a = assets[i]
   local h = redis.call('HMGET', a.key, 'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak')
-  a.v, a.pend, a.lvl = tonumber(h[2] or '0'), tonumber(h[3] or '0'), tonumber(h[4] or '0')
+  -- A fresh asset (and a new period) starts at the first tier's level: its first unit is no change.
+  a.v, a.pend, a.lvl = tonumber(h[2] or '0'), tonumber(h[3] or '0'), a.tiers[1].level
+  if h[4] then a.lvl = tonumber(h[4]) end
   a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
   a.last, a.peak = tonumber(h[7] or '0'), tonumber(h[8] or '0')
   local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
@@ -178,7 +195,7 @@ for i = 1, n do
   if a.kind == 'C' or a.kind == 'T' or (a.kind == 'G' and a.pe > 0) then
     if a.ps > a.stored_ps then
       a.rollover = true
-      if a.kind ~= 'G' then a.v, a.ovg, a.lvl = 0, 0, 0 end
+      if a.kind ~= 'G' then a.v, a.ovg, a.lvl = 0, 0, a.tiers[1].level end
       a.peak = 0
     elseif a.ps < a.stored_ps then
       a.ps = a.stored_ps -- a gateway with a lagging clock never reopens a closed period
@@ -197,8 +214,10 @@ for j = 1, m do
   b.susp = redis.call('HGET', b.key, 'susp') == '1'
 end
 
--- Decide.
+-- Decide. `status` is the first refusal other than a SuspendUsage crossing; `crossing` the first
+-- asset whose units would cross a SuspendUsage `from`.
 local status, slug, retry, refused = '200', '', -1, 0
+local crossing = 0
 local facts = true
 for i = 1, n do
   local a = assets[i]
@@ -219,16 +238,26 @@ for i = 1, n do
     after = before + d
   elseif mode == 'e' then
     after = before + a.amount
+  elseif mode == 's' then
+    -- the actual replaces this settlement's own estimate (already gone if it expired)
+    before = before - tonumber(redis.call('HGET', a.key, 'x:' .. rid) or '0')
+    d = a.amount
+    after = before + d
   else
     d = a.amount
     after = before + d
   end
   a.d = d
-  if status == '200' and a.susp and not is_fact then
-    status, slug, refused = '403', 'asset-suspended', i
+  if a.susp and not is_fact then
+    if status == '200' then status, slug, refused = '403', 'asset-suspended', i end
+  else
+    local s, sl, r = evaluate(a, before, after, is_fact)
+    if a.suspend and not is_fact then
+      if crossing == 0 then crossing = i end
+    elseif s and status == '200' then
+      status, slug, retry, refused = s, sl, r, i
+    end
   end
-  local s, sl, r = evaluate(a, before, after, is_fact)
-  if s and status == '200' then status, slug, retry, refused = s, sl, r, i end
   if a.bi > 0 and (kind == 'C' or kind == 'T') then
     local b = bal[a.bi]
     if mode == 's' then b.settles = true end
@@ -239,6 +268,10 @@ for i = 1, n do
     end
     b.used = true
   end
+end
+local blocked = status ~= '200'
+if not blocked and crossing > 0 then
+  status, slug, retry, refused = '403', 'asset-suspended', -1, crossing
 end
 if status == '200' then
   for j = 1, m do
@@ -259,12 +292,12 @@ local function level_event(a, new_v)
   local k = tier_of(a.tiers, new_v)
   local lvl = a.tiers[k].level
   if lvl ~= a.lvl then
-    local names = {'Normal', 'Warning', 'Critical', 'OverUsage'}
+    local ps, pe = {'period_start', 'null', 'r'}, {'period_end', 'null', 'r'}
+    if a.pe > 0 then ps, pe = {'period_start', a.ps_iso, 's'}, {'period_end', a.pe_iso, 's'} end
     emit(outbox, cust_key, customer, now, 'quota.level_changed', {
-      {'metric', a.metric, 's'}, {'from_level', names[a.lvl + 1], 's'},
-      {'to_level', names[lvl + 1], 's'}, {'policy', a.tiers[k].policy, 's'},
-      {'value', new_v, 'i'}, {'threshold', a.tiers[k].from, 'i'},
-      {'period_start', a.ps_iso, 's'}, {'period_end', a.pe_iso, 's'}})
+      {'metric', a.metric, 's'}, {'from_level', LEVELS[a.lvl + 1], 's'},
+      {'to_level', LEVELS[lvl + 1], 's'}, {'policy', POLICIES[a.tiers[k].policy], 's'},
+      {'value', new_v, 'i'}, {'threshold', a.tiers[k].from, 'i'}, ps, pe})
     a.lvl = lvl
   end
 end
@@ -272,7 +305,7 @@ end
 -- Write: the consequences of a refusal (a suspension), or the whole admission.
 for i = 1, n do
   local a = assets[i]
-  if a.suspend and not a.susp then
+  if a.suspend and not a.susp and not blocked then
     a.susp = true
     redis.call('HSET', a.key, 'susp', '1')
     emit(outbox, cust_key, customer, now, 'asset.suspended',
@@ -288,7 +321,7 @@ if status == '200' then
     local a = assets[i]
     local kind, mode = a.kind, a.mode
     if a.rollover then
-      redis.call('HSET', a.key, 'ps', fmt(a.ps), 'v', fmt(a.v), 'ovg', '0', 'lvl', '0', 'peak', '0')
+      redis.call('HSET', a.key, 'ps', fmt(a.ps), 'v', fmt(a.v), 'ovg', '0', 'peak', '0')
     end
     if mode == 'e' then
       a.pend = a.pend + a.amount
@@ -311,7 +344,7 @@ if status == '200' then
         redis.call('HDEL', a.key, 'x:' .. rid)
       elseif kind == 'U' and mode == 'a' then
         redis.call('HSET', a.key, 'x:' .. rid, fmt(a.amount))
-        redis.call('ZADD', a.xkey, hold_exp, rid)
+        redis.call('ZADD', a.xkey, lease_exp, rid)
       end
       if kind == 'T' and mode == 'r' then redis.call('HSET', a.key, 'last', fmt(a.amount)) end
       if a.d > 0 then a.ovg = a.ovg + awo_units(a, a.v, a.v + a.d) end
@@ -362,7 +395,9 @@ for i = 1, n do
   local t = a.tiers[k]
   if t.policy == 'R' then
     local interval = t.per / t.limit
-    local tat = a.tat[k] or math.max(tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0'), now)
+    -- a refused admission spent nothing, so its throttle is read from storage
+    local tat = status == '200' and a.tat[k]
+    if not tat then tat = tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0') end
     thr = math.floor((t.limit * interval - (math.max(tat, now) - now)) / interval + 1e-9)
     if thr < 0 then thr = 0 end
   end
