@@ -90,14 +90,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.stop()
 
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", "redis", "cluster"]
 
 
 @pytest.fixture(params=BACKENDS)
 def storage_url(request: pytest.FixtureRequest) -> str:
-    """A fresh, empty storage URL: the embedded backend, or a flushed real redis-server."""
+    """A fresh, empty storage URL: embedded, a flushed real redis-server, or a flushed Cluster."""
     if request.param == "memory":
         return f"memory://test-{uuid.uuid4().hex}"
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
     server: RedisProcess = request.getfixturevalue("redis_server")
     client = server.client()
     client.flushall()
@@ -146,3 +150,71 @@ def make_meter(storage_url: str, clock: Clock) -> Iterator[Callable[..., Any]]:
     yield make
     for meter in made:
         meter.close()
+
+
+class RedisCluster:
+    """A real Redis Cluster of three primaries (optionally with a replica each) on free ports."""
+
+    def __init__(self, workdir: Path, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [
+            RedisProcess(
+                workdir / f"node{i}",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{i}.conf",
+                "--cluster-node-timeout", "1000",
+            )
+            for i in range(3 * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed")
+        subprocess.run(
+            [
+                cli, "--cluster", "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas", str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            client = node.client()
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not become ready")
+                time.sleep(0.05)
+            client.close()
+
+    def flush(self) -> None:
+        for node in self.nodes[:3]:
+            client = node.client()
+            try:
+                client.flushall()
+            except redis.ResponseError:
+                pass  # a replica refuses writes
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real three-primary Redis Cluster for the whole test session."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

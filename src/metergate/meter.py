@@ -10,7 +10,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
 from metergate.config import BalanceConfig, CustomerConfig, GatewayConfig, load_config, parse_config
+from metergate.core.errors import InvalidAmount
 from metergate.core.flows import Flow, MeterCore
 from metergate.core.model import AssetUsage, BalanceState, Decision, Ticket
 from metergate.storage import AsyncStorage, SyncStorage, open_async, open_sync
@@ -18,7 +21,20 @@ from metergate.storage import AsyncStorage, SyncStorage, open_async, open_sync
 __all__ = ["AsyncMeter", "ConfigSource", "Meter", "as_config"]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
+
+
+def _validated(model: type[M], spec: Any, field: str) -> M:
+    """Validate an input model, raising InvalidAmount naming the first bad field."""
+    if isinstance(spec, model):
+        return spec
+    try:
+        return model.model_validate(spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(str(p) for p in (field, *err["loc"]))
+        raise InvalidAmount(path, err["msg"].removeprefix("Value error, ")) from None
 
 
 def as_config(config: ConfigSource) -> GatewayConfig:
@@ -120,16 +136,14 @@ class Meter:
 
     def put_customer(self, customer: str, spec: CustomerConfig | Mapping[str, Any]) -> None:
         """Create or replace a customer; missing balances are created, existing ones kept."""
-        if not isinstance(spec, CustomerConfig):
-            spec = CustomerConfig.model_validate(spec)
+        spec = _validated(CustomerConfig, spec, "customer")
         self._drive(self.core.put_customer(customer, spec))
 
     def create_balance(
         self, customer: str, name: str, spec: BalanceConfig | Mapping[str, Any]
     ) -> BalanceState:
         """Create a balance (its amount is written once) or update an existing one's settings."""
-        if not isinstance(spec, BalanceConfig):
-            spec = BalanceConfig.model_validate(spec)
+        spec = _validated(BalanceConfig, spec, "balance")
         return self._drive(self.core.create_balance(customer, name, spec))
 
     def balance(self, customer: str, name: str) -> BalanceState:
@@ -284,16 +298,14 @@ class AsyncMeter:
 
     async def put_customer(self, customer: str, spec: CustomerConfig | Mapping[str, Any]) -> None:
         """Create or replace a customer; missing balances are created, existing ones kept."""
-        if not isinstance(spec, CustomerConfig):
-            spec = CustomerConfig.model_validate(spec)
+        spec = _validated(CustomerConfig, spec, "customer")
         await self._drive(self.core.put_customer(customer, spec))
 
     async def create_balance(
         self, customer: str, name: str, spec: BalanceConfig | Mapping[str, Any]
     ) -> BalanceState:
         """Create a balance (its amount is written once) or update an existing one's settings."""
-        if not isinstance(spec, BalanceConfig):
-            spec = BalanceConfig.model_validate(spec)
+        spec = _validated(BalanceConfig, spec, "balance")
         return await self._drive(self.core.create_balance(customer, name, spec))
 
     async def balance(self, customer: str, name: str) -> BalanceState:

@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from metergate.config import StorageConfig
-from metergate.core.errors import StorageUnavailable
+from metergate.core.errors import InvalidAmount, StorageUnavailable
 from metergate.core.flows import Command, Script
 from metergate.storage.pipelined import PipelinedConnection, RedisReplyError
 from metergate.storage.scripts import load_script
@@ -25,6 +25,18 @@ from metergate.storage.scripts import load_script
 __all__ = ["AsyncStorage", "SyncStorage", "open_async", "open_sync"]
 
 _NETWORK_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _script_error(exc: Exception) -> Exception:
+    """Turn a script's own validation error (`ERR invalid <field>: <why>`) into InvalidAmount."""
+    text = str(exc)
+    marker = text.find("invalid ")
+    if marker >= 0 and ": " in text[marker:]:
+        field, _, why = text[marker + len("invalid ") :].partition(": ")
+        return InvalidAmount(field.strip(), why.strip())
+    return exc
+
+
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
 
@@ -68,6 +80,8 @@ class SyncStorage:
                 # NOSCRIPT: nothing ran, so loading and running once more cannot double-apply.
                 self.client.script_load(script.source)
                 return self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        except redis.ResponseError as exc:
+            raise _script_error(exc) from None
         except _NETWORK_ERRORS as exc:
             raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
 
@@ -111,6 +125,8 @@ class AsyncStorage:
             except NoScriptError:
                 await self.client.script_load(script.source)
                 return await self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        except redis.ResponseError as exc:
+            raise _script_error(exc) from None
         except TimeoutError as exc:
             raise StorageUnavailable("storage did not answer in time; outcome unknown") from exc
         except _NETWORK_ERRORS as exc:
@@ -123,6 +139,23 @@ class AsyncStorage:
         await self.client.aclose()
 
 
+def _cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """Parse `redis+cluster://host:port[,host:port...]` into startup nodes."""
+    nodes = []
+    for part in url.removeprefix("redis+cluster://").split("/")[0].split(","):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"storage.url: '{part}' is not host:port in {url!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def _cluster_options(config: StorageConfig) -> dict[str, Any]:
+    options = _client_options(config)
+    options.pop("retry_on_timeout")
+    return options
+
+
 def open_sync(config: StorageConfig) -> SyncStorage:
     """Open a blocking driver for `storage.url`."""
     url = config.url
@@ -132,6 +165,11 @@ def open_sync(config: StorageConfig) -> SyncStorage:
         return SyncStorage(fakeredis.FakeRedis(server=_memory_server(url), decode_responses=True))
     if url.startswith(("redis://", "rediss://", "unix://")):
         return SyncStorage(redis.Redis.from_url(url, **_client_options(config)))
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]
+        return SyncStorage(RedisCluster(startup_nodes=nodes, **_cluster_options(config)))
     raise ValueError(f"storage.url: unsupported scheme in {url!r}")
 
 
@@ -145,7 +183,10 @@ def open_async(config: StorageConfig) -> AsyncStorage:
         return AsyncStorage(client)
     if url.startswith(("redis://", "rediss://")):
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=max(config.timeout_ms / 1000, 1.0), **_client_options(config)
+            url,
+            max_connections=64,
+            timeout=max(config.timeout_ms / 1000, 1.0),
+            **_client_options(config),
         )
         return AsyncStorage(
             redis.asyncio.Redis(connection_pool=pool),
@@ -154,4 +195,9 @@ def open_async(config: StorageConfig) -> AsyncStorage:
         )
     if url.startswith("unix://"):
         return AsyncStorage(redis.asyncio.Redis.from_url(url, **_client_options(config)))
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]  # type: ignore[no-untyped-call]
+        return AsyncStorage(RedisCluster(startup_nodes=nodes, **_cluster_options(config)))
     raise ValueError(f"storage.url: unsupported scheme in {url!r}")
