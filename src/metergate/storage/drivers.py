@@ -168,7 +168,7 @@ def open_sync(config: StorageConfig) -> SyncStorage:
     if url.startswith("redis+cluster://"):
         from redis.cluster import ClusterNode, RedisCluster
 
-        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]
+        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]  # type: ignore[no-untyped-call]
         return SyncStorage(RedisCluster(startup_nodes=nodes, **_cluster_options(config)))
     raise ValueError(f"storage.url: unsupported scheme in {url!r}")
 
@@ -198,6 +198,6 @@ def open_async(config: StorageConfig) -> AsyncStorage:
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]  # type: ignore[no-untyped-call]
+        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(url)]
         return AsyncStorage(RedisCluster(startup_nodes=nodes, **_cluster_options(config)))
     raise ValueError(f"storage.url: unsupported scheme in {url!r}")
