@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import uuid
 from collections.abc import Callable, Generator, Mapping
@@ -25,15 +26,27 @@ from metergate.config import (
     GatewayConfig,
     hash_api_key,
 )
-from metergate.core.errors import Conflict, InvalidAmount, NotFound
+from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.keys import Keys
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
 from metergate.core.plans import CompiledAsset, compile_plans
 from metergate.periods import period_window
 
-__all__ = ["Command", "Entitlement", "Flow", "MeterCore", "Script", "check_amount"]
+__all__ = [
+    "LOST_DATA",
+    "Batch",
+    "Command",
+    "Entitlement",
+    "Flow",
+    "MeterCore",
+    "Script",
+    "check_amount",
+]
 
 T = TypeVar("T")
+logger = logging.getLogger("metergate")
+
+LOST_DATA = "storage lost its data; restore it (AOF) before serving"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +65,14 @@ class Command:
     args: tuple[str, ...]
 
 
-Flow = Generator[Script | Command, Any, T]
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Run plain commands pipelined, without a transaction (on any slots); replies in order."""
+
+    commands: tuple[tuple[str, ...], ...]
+
+
+Flow = Generator[Script | Command | Batch, Any, T]
 
 KEYED_OP_TTL_S = 86_400
 AUTO_OP_TTL_S = 600
@@ -140,6 +160,7 @@ class MeterCore:
         self.plans: dict[str, dict[str, CompiledAsset]] = compile_plans(config)
         self._entitlements: dict[str, Entitlement] = {}
         self._bootstrapped = False
+        self._seen_sentinels = False
         default_lease_s = config.proxy.timeout_s + 60
         self.default_lease_ms = default_lease_s * 1000
 
@@ -154,20 +175,84 @@ class MeterCore:
         """Drop the cached entitlement of a customer; the next operation reads it afresh."""
         self._entitlements.pop(customer, None)
 
+    # Data-loss sentinels. Redis restarted without its data (no AOF, a replica that re-synced from
+    # an empty primary) looks like a fresh Redis: every balance would be missing, and a gateway
+    # would answer 401 for every customer, or re-create configured balances at their starting
+    # amount. So each partition's slot (and the API keys' slot) holds a sentinel key, written
+    # once the configured customers are loaded. After its bootstrap, a process that finds a
+    # customer or balance missing looks at the sentinel of that slot: gone means the data is gone,
+    # and it raises StorageUnavailable instead of answering from an empty store.
+
+    def sentinel(self, partition: int | None) -> str:
+        """Return the sentinel key of a partition's slot (None: of the API keys' slot)."""
+        if partition is None:
+            # `{mg:api-keys}` hashes like the key `mg:api-keys` itself: the same slot.
+            return f"{{{self.keys.api_keys}}}:sentinel"
+        return f"{self.keys.outbox(partition).removesuffix(':outbox')}:sentinel"
+
+    def _sentinels(self) -> list[str]:
+        return [self.sentinel(None), *(self.sentinel(p) for p in range(self.keys.partitions))]
+
+    def require_data(self, key: str) -> Flow[None]:
+        """Raise StorageUnavailable when the sentinel `key` is gone (after bootstrap)."""
+        if not self._bootstrapped:
+            return
+        found = yield Command(("EXISTS", key))
+        if not found:
+            raise StorageUnavailable(f"{LOST_DATA} (the sentinel key {key} is gone)")
+
     def bootstrap(self) -> Flow[None]:
         """Load the configured customers into storage without overwriting runtime changes."""
         if self._bootstrapped:
             return
+        sentinels = self._sentinels()
+        found = yield Batch(tuple(("EXISTS", key) for key in sentinels))
+        missing = {key for key, hit in zip(sentinels, found, strict=True) if not hit}
+        if missing and self._seen_sentinels:
+            # a bootstrap that failed half-way and is retried: the data went away meanwhile
+            raise StorageUnavailable(f"{LOST_DATA} (sentinel keys are gone: {sorted(missing)})")
+        lost = missing if len(missing) < len(sentinels) else set()
+        if lost:
+            # Some slots were bootstrapped and others lost their data (a Cluster node restarted
+            # empty), or a first bootstrap elsewhere is half-way. Write nothing there.
+            logger.error(
+                "metergate: %s: %d of %d slots have no sentinel (%s); customers there are "
+                "refused with 503 until the data is restored (or the sentinel is set again)",
+                LOST_DATA,
+                len(lost),
+                len(sentinels),
+                ", ".join(sorted(lost)[:5]) + (", ..." if len(lost) > 5 else ""),
+            )
+        self._seen_sentinels = self._seen_sentinels or len(missing) < len(sentinels)
         for cid, customer in self.config.customers.items():
-            yield from self._put_customer(cid, customer, only_if_missing=True)
+            _check_name(cid, "customer")
+            if self.sentinel(self.keys.partition(cid)) in lost:
+                continue
+            yield from self._put_customer(
+                cid,
+                customer,
+                only_if_missing=True,
+                api_keys=self.sentinel(None) not in lost,
+            )
+        # Written last: a bootstrap that dies half-way leaves no sentinel on a fresh store.
+        fresh = sorted(missing - lost)
+        if fresh:
+            now = str(int(self.clock() * 1000))
+            yield Batch(tuple(("SET", key, now, "NX") for key in fresh))
+        self._seen_sentinels = True
         self._bootstrapped = True
 
     def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
         """Create or replace a customer's entitlement; create its missing balances and keys."""
         yield from self.bootstrap()
+        _check_name(customer, "customer")
+        # never re-create balances at their starting amount in a slot that lost its data
+        yield from self.require_data(self.sentinel(self.keys.partition(customer)))
         yield from self._put_customer(customer, spec, only_if_missing=False)
 
-    def _put_customer(self, cid: str, spec: CustomerConfig, *, only_if_missing: bool) -> Flow[None]:
+    def _put_customer(
+        self, cid: str, spec: CustomerConfig, *, only_if_missing: bool, api_keys: bool = True
+    ) -> Flow[None]:
         _check_name(cid, "customer")
         ent = spec.entitlement
         self._check_entitlement(ent.plan, ent.timezone)
@@ -180,7 +265,7 @@ class MeterCore:
         yield Command(("SADD", self.keys.customers, cid))
         for name, balance in spec.balances.items():
             yield from self._create_balance(cid, name, balance)
-        for key_hash in spec.api_keys:
+        for key_hash in spec.api_keys if api_keys else ():
             yield Command(("HSET", self.keys.api_keys, key_hash, cid))
         self._entitlements.pop(cid, None)
 
@@ -203,6 +288,8 @@ class MeterCore:
         yield from self.bootstrap()
         _check_name(customer, "customer")
         current = yield from self.entitlement(customer)
+        if current is None:
+            yield from self.require_data(self.sentinel(self.keys.partition(customer)))
         tz = timezone or (current.timezone if current else "UTC")
         self._check_entitlement(plan, tz)
         if anchor is None and current is not None:
@@ -222,6 +309,8 @@ class MeterCore:
             return cached
         fields = yield Command(("HGETALL", self.keys.customer(customer)))
         if not fields or "plan" not in fields:
+            # a customer that is missing because the store lost its data is not unknown
+            yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             return None
         anchor = datetime.fromisoformat(fields["anchor"]) if fields.get("anchor") else None
         ent = Entitlement(fields["plan"], anchor, fields.get("tz") or "UTC", fields.get("ver", ""))
@@ -232,6 +321,8 @@ class MeterCore:
         """Return the customer holding an API key (looked up by its hash), or None."""
         yield from self.bootstrap()
         found = yield Command(("HGET", self.keys.api_keys, hash_api_key(api_key)))
+        if not found:
+            yield from self.require_data(self.sentinel(None))
         return str(found) if found else None
 
     def add_api_key(self, customer: str, api_key: str) -> Flow[str]:
@@ -335,9 +426,10 @@ class MeterCore:
     ) -> Flow[Decision]:
         yield from self.bootstrap()
         if op_id is None:
-            op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
+            # Without a key the caller will not retry, and the script keeps no operation record.
+            op_id = f"k:{idempotency_key}" if idempotency_key else ""
         ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
-        hold_id = hold_id or op_id
+        hold_id = hold_id or op_id or f"a:{uuid.uuid4().hex}"
         if fingerprint is None:
             fingerprint = "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items()))
         for _attempt in range(3):
@@ -373,7 +465,7 @@ class MeterCore:
                 fingerprint,
                 str(ttl),
                 customer,
-                "" if plan_name else ent.version,
+                ent.version,
                 hold_id,
                 str(now_ms + hold_ttl_ms),
                 str(now_ms + (lease_ttl_ms or self.default_lease_ms)),
@@ -408,6 +500,9 @@ class MeterCore:
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
                 continue
+            if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
+                # 402 for a balance that may be missing: only when its slot kept its data
+                yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             leased = {m: v for m, (mode, v) in ops.items() if mode == "a" and plan[m].kind == "U"}
             estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
             ticket = None
@@ -507,6 +602,7 @@ class MeterCore:
     def create_balance(self, customer: str, name: str, spec: BalanceConfig) -> Flow[BalanceState]:
         """Create a balance with its starting amount, or update the settings of an existing one."""
         yield from self.bootstrap()
+        yield from self.require_data(self.sentinel(self.keys.partition(customer)))
         return (yield from self._create_balance(customer, name, spec))
 
     def balance_op(
@@ -587,6 +683,7 @@ class MeterCore:
         )
         status, slug = reply[0], reply[1]
         if status == "404":
+            yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             raise NotFound(f"balance '{name}' of customer '{customer}' does not exist")
         if status == "409":
             messages = {
@@ -608,6 +705,12 @@ class MeterCore:
         if status != "200":
             raise Conflict(slug, _PROBLEM_DETAIL.get(slug, slug), status=int(status), state=state)
         return state
+
+
+def _empty_balance(reply: list[str], n: int, m: int) -> bool:
+    """Whether an admission reply shows a balance with nothing in it (amount 0, nothing held)."""
+    base = 5 + 7 * n
+    return any(reply[base + 2 + 3 * j] == "0" and reply[base + 3 + 3 * j] == "0" for j in range(m))
 
 
 def _usage(

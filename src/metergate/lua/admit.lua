@@ -33,9 +33,14 @@ if not ttl or not hold_exp or not lease_exp or not n or not m or n < 1 or m < 0 
   return bad('header', 'ttl, expiries and counts must be integers, with at least one asset')
 end
 local outbox, cust_key, ledger_key = KEYS[2], KEYS[3], KEYS[4]
+local op_ref = op_id
+if op_ref == '' then op_ref = rid end
 
-local prior = replay(KEYS[1], fp)
-if prior then return prior end
+-- An empty operation id means the caller will never retry: no record is kept or read.
+if op_id ~= '' then
+  local prior = replay(KEYS[1], fp)
+  if prior then return prior end
+end
 if ver ~= '' and redis.call('HGET', cust_key, 'ver') ~= ver then return {'stale'} end
 
 -- Parse and validate everything before the first write: Redis has no rollback.
@@ -159,7 +164,7 @@ local function evaluate(a, before, after, facts)
         if a.tiers[k + 1] and hi > a.tiers[k + 1].from then hi = a.tiers[k + 1].from end
         local u = hi - math.max(before, t.from)
         local interval = t.per / t.limit
-        local tat = math.max(tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0'), now)
+        local tat = math.max(a.tats[k], now)
         local new_tat = tat + u * interval
         local over = new_tat - now - t.limit * interval
         if over > 1e-6 then
@@ -176,18 +181,34 @@ end
 -- Release expired holds and leases; load each asset's state for the current period.
 for i = 1, n do
   local a = assets[i]
-  local h = redis.call('HMGET', a.key, 'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak')
+  -- One read of the whole state: the fixed fields, then each tier's base flag and throttle.
+  local fields = {'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak', 'xn'}
+  for k = 1, a.nt do
+    fields[#fields + 1] = 'base' .. k
+    fields[#fields + 1] = 'tat' .. k
+  end
+  local h = redis.call('HMGET', a.key, unpack(fields))
+  a.w = {}
+  a.xn = tonumber(h[9] or '0')
+  a.base_flags, a.base_set, a.tats = {}, {}, {}
+  for k = 1, a.nt do
+    a.base_flags[k] = tonumber(h[8 + 2 * k] or '-1')
+    a.tats[k] = tonumber(h[9 + 2 * k] or '0')
+  end
   -- A fresh asset (and a new period) starts at the first tier's level: its first unit is no change.
   a.v, a.pend, a.lvl = tonumber(h[2] or '0'), tonumber(h[3] or '0'), a.tiers[1].level
   if h[4] then a.lvl = tonumber(h[4]) end
   a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
   a.last, a.peak = tonumber(h[7] or '0'), tonumber(h[8] or '0')
-  local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
+  -- `xn` counts the open holds and leases, so an asset without any skips the expiry scan.
+  local due = {}
+  if a.xn > 0 then due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now) end
   for d = 1, #due do
     if redis.call('ZREM', a.xkey, due[d]) == 1 then
       local x = tonumber(redis.call('HGET', a.key, 'x:' .. due[d]) or '0')
       redis.call('HDEL', a.key, 'x:' .. due[d])
       if a.kind == 'U' then a.v = a.v - x else a.pend = a.pend - x end
+      a.xn = a.xn - 1
       a.expired = true
     end
   end
@@ -201,17 +222,17 @@ for i = 1, n do
       a.ps = a.stored_ps -- a gateway with a lagging clock never reopens a closed period
     end
   end
-  a.base_flags, a.base_set = {}, {}
-  for k = 1, a.nt do
-    a.base_flags[k] = tonumber(redis.call('HGET', a.key, 'base' .. k) or '-1')
-  end
 end
 for j = 1, m do
   local b = bal[j]
-  b.exists = redis.call('EXISTS', b.key) == 1
-  b.held = expire_holds(b.key, b.xkey, b.name, now, outbox, cust_key, customer, ledger_key)
-  b.amt, b.ovg = hint(b.key, 'amt'), hint(b.key, 'ovg')
-  b.susp = redis.call('HGET', b.key, 'susp') == '1'
+  local h = redis.call('HMGET', b.key, 'amt', 'held', 'ovg', 'susp')
+  b.exists = h[1] ~= false
+  b.amt, b.held, b.ovg = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
+  b.susp = h[4] == '1'
+  -- held > 0 exactly when holds are open; only then can one have expired
+  if b.held > 0 then
+    b.held = expire_holds(b.key, b.xkey, b.name, now, outbox, cust_key, customer, ledger_key)
+  end
 end
 
 -- Decide. `status` is the first refusal other than a SuspendUsage crossing; `crossing` the first
@@ -307,57 +328,58 @@ for i = 1, n do
   local a = assets[i]
   if a.suspend and not a.susp and not blocked then
     a.susp = true
-    redis.call('HSET', a.key, 'susp', '1')
+    a.w.susp = '1'
     emit(outbox, cust_key, customer, now, 'asset.suspended',
       {{'metric', a.metric, 's'}, {'reason', 'SuspendUsage', 's'}})
   end
   if a.expired then
-    redis.call('HSET', a.key, 'pend', fmt(a.pend))
-    if a.kind == 'U' then redis.call('HSET', a.key, 'v', fmt(a.v)) end
+    a.w.pend, a.w.xn = fmt(a.pend), fmt(a.xn)
+    if a.kind == 'U' then a.w.v = fmt(a.v) end
   end
 end
 if status == '200' then
   for i = 1, n do
     local a = assets[i]
     local kind, mode = a.kind, a.mode
+    local w = a.w
     if a.rollover then
-      redis.call('HSET', a.key, 'ps', fmt(a.ps), 'v', fmt(a.v), 'ovg', '0', 'peak', '0')
+      w.ps, w.v, w.ovg, w.peak = fmt(a.ps), fmt(a.v), '0', '0'
     end
     if mode == 'e' then
-      a.pend = a.pend + a.amount
-      redis.call('HSET', a.key, 'pend', fmt(a.pend), 'x:' .. rid, fmt(a.amount))
+      a.pend, a.xn = a.pend + a.amount, a.xn + 1
+      w.pend, w.xn, w['x:' .. rid] = fmt(a.pend), fmt(a.xn), fmt(a.amount)
       redis.call('ZADD', a.xkey, hold_exp, rid)
     elseif kind == 'G' then
       if mode == 'r' then
         a.v = a.amount
         if a.amount > a.peak then a.peak = a.amount end
-        redis.call('HSET', a.key, 'v', fmt(a.v), 'peak', fmt(a.peak), 'ps', fmt(a.ps))
+        w.v, w.peak, w.ps = fmt(a.v), fmt(a.peak), fmt(a.ps)
         level_event(a, a.v)
       end
     else
-      if mode == 's' then
+      if mode == 's' or mode == 'x' then
         local held = tonumber(redis.call('HGET', a.key, 'x:' .. rid) or '0')
-        if redis.call('ZREM', a.xkey, rid) == 1 then a.pend = a.pend - held end
-        redis.call('HDEL', a.key, 'x:' .. rid)
-      elseif mode == 'x' then
-        redis.call('ZREM', a.xkey, rid)
+        if redis.call('ZREM', a.xkey, rid) == 1 then
+          if mode == 's' then a.pend = a.pend - held end
+          a.xn = a.xn - 1
+          w.xn = fmt(a.xn)
+        end
         redis.call('HDEL', a.key, 'x:' .. rid)
       elseif kind == 'U' and mode == 'a' then
-        redis.call('HSET', a.key, 'x:' .. rid, fmt(a.amount))
+        a.xn = a.xn + 1
+        w.xn, w['x:' .. rid] = fmt(a.xn), fmt(a.amount)
         redis.call('ZADD', a.xkey, lease_exp, rid)
       end
-      if kind == 'T' and mode == 'r' then redis.call('HSET', a.key, 'last', fmt(a.amount)) end
+      if kind == 'T' and mode == 'r' then w.last = fmt(a.amount) end
       if a.d > 0 then a.ovg = a.ovg + awo_units(a, a.v, a.v + a.d) end
       a.v = a.v + a.d
-      for k, tat in pairs(a.tat) do
-        redis.call('HSET', a.key, 'tat' .. k, string.format('%.17g', tat))
-      end
-      for _, k in ipairs(a.base_set) do redis.call('HSET', a.key, 'base' .. k, fmt(a.ps)) end
-      redis.call('HSET', a.key, 'v', fmt(a.v), 'pend', fmt(a.pend), 'ovg', fmt(a.ovg))
-      if kind ~= 'U' then redis.call('HSET', a.key, 'ps', fmt(a.ps)) end
+      for k, tat in pairs(a.tat) do w['tat' .. k] = string.format('%.17g', tat) end
+      for _, k in ipairs(a.base_set) do w['base' .. k] = fmt(a.ps) end
+      w.v, w.pend, w.ovg = fmt(a.v), fmt(a.pend), fmt(a.ovg)
+      if kind ~= 'U' then w.ps = fmt(a.ps) end
       level_event(a, a.v)
     end
-    redis.call('HSET', a.key, 'lvl', fmt(a.lvl))
+    w.lvl = fmt(a.lvl)
   end
   for j = 1, m do
     local b = bal[j]
@@ -374,7 +396,7 @@ if status == '200' then
       b.amt, b.held = b.amt - b.charge, b.held + b.hold
       redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held))
       if b.charge > 0 then
-        ledger(ledger_key, now, op_id, 'usage', b.name, -b.charge, b.amt, b.held)
+        ledger(ledger_key, now, op_ref, 'usage', b.name, -b.charge, b.amt, b.held)
       end
       if b.hold > 0 then
         redis.call('HSET', b.key, 'h:' .. rid, fmt(b.hold))
@@ -384,6 +406,16 @@ if status == '200' then
       balance_events(b.key, b.name, before, b.amt - b.held, outbox, cust_key, customer, now)
     end
   end
+end
+
+-- One write per asset of every field that changed.
+for i = 1, n do
+  local args = {}
+  for f, v in pairs(assets[i].w) do
+    args[#args + 1] = f
+    args[#args + 1] = v
+  end
+  if #args > 0 then redis.call('HSET', assets[i].key, unpack(args)) end
 end
 
 -- Reply.
@@ -397,7 +429,7 @@ for i = 1, n do
     local interval = t.per / t.limit
     -- a refused admission spent nothing, so its throttle is read from storage
     local tat = status == '200' and a.tat[k]
-    if not tat then tat = tonumber(redis.call('HGET', a.key, 'tat' .. k) or '0') end
+    if not tat then tat = a.tats[k] end
     thr = math.floor((t.limit * interval - (math.max(tat, now) - now)) / interval + 1e-9)
     if thr < 0 then thr = 0 end
   end
@@ -413,5 +445,5 @@ for j = 1, m do
   for _, x in ipairs({fmt(b.amt - b.held), fmt(b.amt), fmt(b.held)}) do reply[#reply + 1] = x end
 end
 -- Only admissions are remembered: a refused request retried later is decided anew.
-if status == '200' then remember(KEYS[1], fp, ttl, reply) end
+if status == '200' and op_id ~= '' then remember(KEYS[1], fp, ttl, reply) end
 return reply
