@@ -5,23 +5,34 @@
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
 --       6 operation (create, topup, withdraw, suspend, resume, reserve, commit, release, read),
 --       7 balance name, 8 amount, 9 reservation id, 10 reservation expiry (epoch ms),
---       11 unit, 12 overage, 13 low_at ('' = none) (create only).
+--       11 unit, 12 overage, 13 low_at ('' = none), 14 only-if-missing ('1' leaves an existing
+--       balance's settings alone; absent or '0' updates them) (11-14: create only).
 -- Amounts are integers of the balance's minor unit; `available = amount - held`.
 -- Reply: strings: status ('200', '402', '403', '404', '409'), problem slug, amount, held,
 --   available, overage, suspended (0/1), unit, low_at ('' none), the amount the operation moved.
+-- Malformed arguments get the error reply 'invalid <field>: <why>' before anything is written.
 
-local now = int(ARGV[1])
+local now, ttl, amount, expiry = int(ARGV[1]), int(ARGV[4]), int(ARGV[8]), int(ARGV[10])
 local op_id, fp, customer, op, name, rid = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[9]
-local ttl, amount, expiry = int(ARGV[4]), int(ARGV[8]), int(ARGV[10])
-if not now or not ttl or not expiry then return bad('header', 'not an integer') end
-if not amount or amount < 0 then return bad('amount', 'must be a non-negative safe integer') end
 local outbox, cust_key, ledger_key, bkey, bxkey = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local known = {create = true, topup = true, withdraw = true, suspend = true, resume = true,
+  reserve = true, commit = true, release = true, read = true}
 local positive = {topup = true, withdraw = true, reserve = true}
+local holds = {reserve = true, commit = true, release = true}
+if not now then return bad('now', 'must be an integer of epoch ms') end
+if not ttl or ttl < 1 then return bad('ttl', 'must be a positive integer of seconds') end
+if not expiry then return bad('expiry', 'must be an integer of epoch ms') end
+if not known[op] then return bad('operation', 'unknown operation ' .. op) end
+if not amount or amount < 0 then return bad('amount', 'must be a non-negative safe integer') end
 if positive[op] and amount == 0 then return bad('amount', 'must be greater than 0') end
+if holds[op] and rid == '' then return bad('reservation', 'must not be empty') end
+if op == 'reserve' and expiry <= now then return bad('expiry', 'must be later than now') end
 if op == 'create' then
-  local ovg = int(ARGV[12])
+  local ovg, low = int(ARGV[12]), int(ARGV[13])
   if not ovg or ovg < 0 then return bad('overage', 'must be a non-negative safe integer') end
-  if ARGV[13] ~= '' and not int(ARGV[13]) then return bad('low_at', 'must be a safe integer') end
+  if ARGV[13] ~= '' and (not low or low < 0) then
+    return bad('low_at', 'must be a non-negative safe integer')
+  end
 end
 
 local prior = replay(KEYS[1], fp)
@@ -36,10 +47,17 @@ if op == 'create' then
     ledger(ledger_key, now, op_id, 'initial', name, amount, amount, 0)
     moved = amount
   end
-  redis.call('HSET', bkey, 'unit', ARGV[11], 'ovg', ARGV[12], 'low', ARGV[13])
+  if not exists or ARGV[14] ~= '1' then
+    redis.call('HSET', bkey, 'unit', ARGV[11], 'ovg', ARGV[12], 'low', ARGV[13])
+  end
   exists = true
 elseif not exists then
   return {'404', 'not-found'}
+end
+
+-- Refuse an overflowing top-up before the first write (the expiry sweep below writes).
+if op == 'topup' and hint(bkey, 'amt') + amount > MAX_SAFE then
+  return bad('amount', 'the balance would exceed 2^53 - 1')
 end
 
 local held = expire_holds(bkey, bxkey, name, now, outbox, cust_key, customer, ledger_key)
@@ -57,7 +75,6 @@ end
 
 if op == 'topup' then
   amt = amt + amount
-  if amt > MAX_SAFE then return bad('amount', 'the balance would exceed 2^53 - 1') end
   moved = amount
   ledger(ledger_key, now, op_id, 'topup', name, amount, amt, held)
   emit(outbox, cust_key, customer, now, 'balance.topped_up',
@@ -81,10 +98,15 @@ elseif op == 'suspend' or op == 'resume' then
     if want then flag = '1' end
     redis.call('HSET', bkey, 'susp', flag)
     ledger(ledger_key, now, op_id, op, name, 0, amt, held)
-    emit(outbox, cust_key, customer, now, 'balance.' .. op .. 'ed', {{'balance', name, 's'}})
+    local etype = 'balance.resumed'
+    if want then etype = 'balance.suspended' end
+    emit(outbox, cust_key, customer, now, etype, {{'balance', name, 's'}})
   end
 elseif op == 'reserve' then
-  if susp then
+  if redis.call('HEXISTS', bkey, 'h:' .. rid) == 1 then
+    -- reusing a live hold's id would overwrite it and leave its amount held forever
+    status, slug = '409', 'reservation-exists'
+  elseif susp then
     status, slug = '403', 'balance-suspended'
   elseif before - amount < -ovg then
     status, slug = '402', 'insufficient-credits'
