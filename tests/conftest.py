@@ -18,18 +18,23 @@ import redis
 REQUIRE_REDIS = os.environ.get("METERGATE_REQUIRE_REDIS") == "1"
 
 
-def free_port() -> int:
-    """Return a loopback TCP port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(below: int = 65536) -> int:
+    """Return a loopback TCP port that is free right now (and below `below`)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below:
+            return port
 
 
 class RedisProcess:
     """A redis-server child process on a free loopback port, with nothing persisted."""
 
     def __init__(self, workdir: Path, *extra: str) -> None:
-        self.port = free_port()
+        # A Cluster node also listens on port + 10000 (the cluster bus).
+        self.below = 55000 if "--cluster-enabled" in extra else 65536
+        self.port = free_port(self.below)
         self.workdir = workdir
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,6 +51,14 @@ class RedisProcess:
                 pytest.fail(message)
             pytest.skip(message)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):
+            if self._spawn(binary):
+                return
+            # another process took the port between our probe and redis-server's bind
+            self.port = free_port(self.below)
+        raise RuntimeError(f"redis-server did not start (last port tried: {self.port})")
+
+    def _spawn(self, binary: str) -> bool:
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -61,15 +74,20 @@ class RedisProcess:
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.02)
-        client.close()
+        try:
+            while True:
+                try:
+                    # the answer must come from our process, not another one on a reused port
+                    return int(client.info("server")["process_id"]) == self.proc.pid
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.proc.kill()
+                        self.proc.wait()
+                        self.proc = None
+                        return False
+                    time.sleep(0.02)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc is not None:

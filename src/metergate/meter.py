@@ -33,7 +33,7 @@ def _validated(model: type[M], spec: Any, field: str) -> M:
         return model.model_validate(spec)
     except ValidationError as exc:
         err = exc.errors()[0]
-        path = ".".join(str(p) for p in (field, *err["loc"]))
+        path = ".".join(str(p) for p in err["loc"]) or field
         raise InvalidAmount(path, err["msg"].removeprefix("Value error, ")) from None
 
 

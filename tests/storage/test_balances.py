@@ -342,7 +342,6 @@ def test_zero_is_invalid_where_a_positive_amount_is_needed(
     assert state(meter) == before
 
 
-@pytest.mark.xfail(strict=True, reason="meter.py lets pydantic's ValidationError through")
 def test_create_balance_with_a_bad_amount_is_invalid_amount(make_meter: MakeMeter) -> None:
     """create_balance with a non-integer or out-of-range amount raises InvalidAmount(amount)."""
     meter = make_meter(config())
