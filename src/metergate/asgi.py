@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Gate, ratelimit_fields
+from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 
@@ -25,10 +27,13 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Identify = Callable[[Scope], "str | None | Awaitable[str | None]"]
+Identify = Callable[[Scope], "str | Awaitable[str | None] | None"]
+OnEnd = Callable[[Mapping[str, str]], Awaitable[None]]
 
 KEY_CACHE_S = 5.0
 DEGRADED_BUFFER = 100_000
+SHUTDOWN_DRAIN_S = 5.0
+DEGRADED = [("metergate-degraded", "?1")]
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -47,7 +52,11 @@ async def _send_answer(send: Send, answer: Answer) -> None:
 
 
 class MeteringMiddleware:
-    """Meter every routed request of an ASGI app: admit, answer refusals, settle at the end."""
+    """Meter every routed request of an ASGI app: admit, answer refusals, settle at the end.
+
+    `identify(scope)` (sync or async) replaces the API-key lookup and returns the customer id;
+    `costs={metric: f}` replaces a route's cost of `metric` with `f(scope)`, an int.
+    """
 
     def __init__(
         self,
@@ -65,11 +74,18 @@ class MeteringMiddleware:
         self.meter = meter or AsyncMeter(self.config, clock=self.clock)
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
-        self.timeout_s = self.config.storage.timeout_ms / 1000
+        # The embedded backend runs in this process and cannot be unreachable: a budget would
+        # only turn a busy moment into 503s.
+        embedded = self.config.storage.url.startswith("memory://")
+        self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
         self._keys: dict[str, tuple[str, float]] = {}
-        # Admissions made while storage was down in `open` mode, replayed once it is back.
-        self._degraded: deque[Admission] = deque(maxlen=DEGRADED_BUFFER)
-        self._draining = False
+        # Requests let through while storage was down (`on_failure: open`), recorded when it is
+        # back.
+        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
+        self._drain_task: asyncio.Task[None] | None = None
+        # Settlements that outlive their request (client gone, task cancelled) are kept here so
+        # the event loop does not drop them half-way.
+        self._settling: set[asyncio.Future[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -91,10 +107,16 @@ class MeteringMiddleware:
             return
 
         headers = _headers(scope)
+        key = None if self.identify is not None else self.gate.key_of(headers)
         try:
-            customer = await self._customer(scope, headers)
+            customer = await self._customer(scope, key)
         except (StorageUnavailable, TimeoutError):
-            await self._storage_failed(scope, receive, send, None)
+            # Nobody could be looked up: in `open` mode the request passes, billed to its key later.
+            planned = self.gate.admission("", route, headers, scope)
+            if isinstance(planned, Answer):
+                await _send_answer(send, planned)
+            else:
+                await self._storage_failed(scope, receive, send, planned, key)
             return
         if customer is None:
             await _send_answer(send, self.gate.refusal(_unauthenticated(), self.clock()))
@@ -106,14 +128,25 @@ class MeteringMiddleware:
         try:
             decision = await asyncio.wait_for(self._admit(planned), self.timeout_s)
         except (StorageUnavailable, TimeoutError):
-            await self._storage_failed(scope, receive, send, planned)
+            await self._storage_failed(scope, receive, send, planned, None)
             return
         if not decision.allowed:
             await _send_answer(send, self.gate.refusal(decision, self.clock()))
             return
-        if self._degraded and not self._draining:
-            asyncio.get_running_loop().create_task(self._drain())
-        await self._forward(scope, receive, send, planned, decision)
+        self._start_drain()
+
+        ticket = decision.ticket
+
+        async def settle(response_headers: Mapping[str, str]) -> None:
+            if ticket is None:
+                return
+            try:
+                await self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
+            except Exception:  # the hold or lease expires on its own; never fail the response
+                logger.exception("metergate: settlement failed; the hold will expire")
+
+        fields = ratelimit_fields(decision, self.clock())
+        await self._forward(scope, receive, send, fields, settle)
 
     async def _admit(self, planned: Admission) -> Decision:
         route = planned.route
@@ -123,16 +156,15 @@ class MeteringMiddleware:
             planned.idempotency_key,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
-            lease_ttl_s=route.lease_ttl_ms // 1000 if route.lease_ttl_ms else None,
+            lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
         )
 
-    async def _customer(self, scope: Scope, headers: dict[str, str]) -> str | None:
+    async def _customer(self, scope: Scope, key: str | None) -> str | None:
         if self.identify is not None:
             found = self.identify(scope)
             if inspect.isawaitable(found):
                 found = await found
             return found
-        key = self.gate.key_of(headers)
         if key is None:
             return None
         now = time.monotonic()
@@ -151,25 +183,19 @@ class MeteringMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        planned: Admission,
-        decision: Decision,
-        extra: list[tuple[str, str]] | None = None,
+        fields: list[tuple[str, str]],
+        on_end: OnEnd,
     ) -> None:
-        fields = extra if extra is not None else ratelimit_fields(decision, self.clock())
+        """Run the app with our fields added; `on_end` runs once, however the response ends."""
         added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
-        ticket = decision.ticket
-        settled = False
+        ended = False
 
-        async def settle() -> None:
-            nonlocal settled
-            if settled or ticket is None:
-                return
-            settled = True
-            try:
-                await self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
-            except Exception:  # the hold or lease expires on its own; never fail the response
-                logger.exception("metergate: settlement failed; the hold will expire")
+        async def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                await on_end(response_headers)
 
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -177,70 +203,86 @@ class MeteringMiddleware:
                 for k, v in message.get("headers", ()):
                     response_headers[k.decode("latin-1").lower()] = v.decode("latin-1")
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
-                await send(message)
-                return
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Settle before the last bytes leave: a client that has read the whole response
+                # (and sends its next request) finds its lease ended and its units counted.
+                await end()
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await settle()
 
         try:
             await self.app(scope, receive, metered_send)
         finally:
-            # App raised, client went away, or the body never finished: settle anyway.
-            if not settled and ticket is not None:
-                await asyncio.shield(settle())
+            if not ended:
+                # The app raised, the client went away, or the task is being cancelled: settle
+                # anyway, in a task of its own that a cancellation of this one cannot stop.
+                task = asyncio.ensure_future(end())
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                await asyncio.shield(task)
 
     async def _storage_failed(
-        self, scope: Scope, receive: Receive, send: Send, planned: Admission | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        planned: Admission,
+        api_key: str | None,
     ) -> None:
-        if self.config.storage.on_failure == "closed" or planned is None:
+        if self.config.storage.on_failure == "closed":
             await _send_answer(send, self.gate.unavailable())
             return
-        if len(self._degraded) == self._degraded.maxlen:
-            logger.error("metergate: degraded buffer full; dropping the oldest unmetered request")
-        planned.idempotency_key = planned.idempotency_key or _degraded_key()
-        self._degraded.append(planned)
-        decision = Decision(True, 200, None, planned.customer, degraded=True)
-        await self._forward(scope, receive, send, planned, decision, [("metergate-degraded", "?1")])
+        # The same Idempotency-Key retried while storage is down is still recorded once.
+        key = planned.idempotency_key
+        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+
+        async def defer(response_headers: Mapping[str, str]) -> None:
+            item = self.gate.deferred(planned, response_headers, operation, api_key)
+            if item is None:
+                return
+            if len(self._deferred) == self._deferred.maxlen:
+                logger.error(
+                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
+                )
+            self._deferred.append(item)
+
+        await self._forward(scope, receive, send, DEGRADED, defer)
+
+    def _start_drain(self) -> None:
+        if self._deferred and (self._drain_task is None or self._drain_task.done()):
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        """Meter what was let through while storage was down, once each (same idempotency key)."""
-        self._draining = True
-        try:
-            while self._degraded:
-                planned = self._degraded[0]
-                try:
-                    decision = await asyncio.wait_for(
-                        self._admit_fact(planned), self.timeout_s * 10
-                    )
-                except (StorageUnavailable, TimeoutError):
-                    return
-                self._degraded.popleft()
-                if decision.ticket is not None:
-                    await self.meter.settle(decision.ticket)
-        finally:
-            self._draining = False
-
-    async def _admit_fact(self, planned: Admission) -> Decision:
-        return await self.meter.admit(
-            planned.customer,
-            {**planned.amounts, **{m: r for m, r in planned.estimates.items()}},
-            planned.idempotency_key,
-        )
+        """Record what was let through while storage was down, each under its own operation id."""
+        while self._deferred:
+            item = self._deferred[0]
+            try:
+                customer = item.customer
+                if customer is None and item.api_key is not None:
+                    customer = await self.meter.customer_for_key(item.api_key)
+                if customer is not None:
+                    decision = await self.meter.admit(customer, item.amounts, item.operation)
+                    if not decision.allowed:
+                        logger.warning(
+                            "metergate: a request let through while storage was down was refused "
+                            "afterwards (%s); it stays unrecorded",
+                            decision.problem,
+                        )
+            except (StorageUnavailable, TimeoutError):
+                return  # still down: the next admitted request starts another drain
+            except Exception:
+                logger.exception("metergate: could not record a request let through while down")
+            self._deferred.popleft()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
+                if self._deferred:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._drain(), SHUTDOWN_DRAIN_S)
                 await self.meter.aclose()
             await send(message)
 
         await self.app(scope, receive, wrapped_send)
-
-
-def _degraded_key() -> str:
-    import uuid
-
-    return "degraded-" + uuid.uuid4().hex
 
 
 def _unauthenticated() -> Decision:

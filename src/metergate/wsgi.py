@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Gate, ratelimit_fields
+from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import ConfigSource, Meter, as_config
 
@@ -23,9 +25,12 @@ logger = logging.getLogger("metergate")
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+OnEnd = Callable[[Mapping[str, str]], None]
 
 KEY_CACHE_S = 5.0
 DEGRADED_BUFFER = 100_000
+DRAIN_PER_REQUEST = 100
+DEGRADED = [("metergate-degraded", "?1")]
 
 
 def _headers(environ: Environ) -> dict[str, str]:
@@ -37,26 +42,45 @@ def _headers(environ: Environ) -> dict[str, str]:
     return out
 
 
-def _status_line(status: int) -> str:
-    from http import HTTPStatus
-
-    return f"{status} {HTTPStatus(status).phrase}"
+def _path(environ: Environ) -> str:
+    """The request path as ASGI sees it: SCRIPT_NAME + PATH_INFO, decoded as UTF-8."""
+    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    # PEP 3333 hands the path over as bytes decoded with latin-1; ASGI and the config use UTF-8.
+    with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+        raw = raw.encode("latin-1").decode("utf-8")
+    return raw or "/"
 
 
 def _answer(start_response: StartResponse, answer: Answer) -> list[bytes]:
-    start_response(_status_line(answer.status), answer.headers)
+    start_response(f"{answer.status} {HTTPStatus(answer.status).phrase}", answer.headers)
     return [answer.body]
 
 
-class _Settling:
-    """The app's response body, settling the admission once it is exhausted or closed."""
+class _Metered:
+    """The app's response body, passed through untouched, calling `end` once when it is over.
 
-    def __init__(self, body: Iterable[bytes], settle: Callable[[], None]) -> None:
+    `end` runs before the last bytes are handed to the server when the response has a
+    Content-Length (so a client that has read it all finds it settled), otherwise as soon as the
+    body is exhausted, and in any case when the server closes the body (errors, disconnects).
+    """
+
+    def __init__(
+        self, body: Iterable[bytes], headers: Mapping[str, str], end: Callable[[], None]
+    ) -> None:
         self._body = body
-        self._settle = settle
+        self._headers = headers
+        self._end = end
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._body
+        sent = 0
+        for chunk in self._body:
+            # Read per chunk: a generator app calls start_response only when it first runs.
+            length = self._headers.get("content-length", "")
+            sent += len(chunk)
+            if length.isdigit() and sent >= int(length):
+                self._end()
+            yield chunk
+        self._end()
 
     def close(self) -> None:
         try:
@@ -64,11 +88,15 @@ class _Settling:
             if close is not None:
                 close()
         finally:
-            self._settle()
+            self._end()
 
 
 class WSGIMeteringMiddleware:
-    """Meter every routed request of a WSGI app: admit, answer refusals, settle at the end."""
+    """Meter every routed request of a WSGI app: admit, answer refusals, settle at the end.
+
+    `identify(environ)` replaces the API-key lookup and returns the customer id;
+    `costs={metric: f}` replaces a route's cost of `metric` with `f(environ)`, an int.
+    """
 
     def __init__(
         self,
@@ -87,12 +115,14 @@ class WSGIMeteringMiddleware:
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
         self._keys: dict[str, tuple[str, float]] = {}
-        self._degraded: deque[Admission] = deque(maxlen=DEGRADED_BUFFER)
+        # Requests let through while storage was down (`on_failure: open`), recorded when it is
+        # back.
+        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
+        self._draining = threading.Lock()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "/") or "/"
-        route = self.gate.routes.match(method, path)
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        route = self.gate.routes.match(method, _path(environ))
         if route is None:
             answer = self.gate.unmatched()
             if answer is None:
@@ -102,10 +132,15 @@ class WSGIMeteringMiddleware:
             return self.app(environ, start_response)
 
         headers = _headers(environ)
+        key = None if self.identify is not None else self.gate.key_of(headers)
         try:
-            customer = self._customer(environ, headers)
+            customer = self._customer(environ, key)
         except StorageUnavailable:
-            return _answer(start_response, self.gate.unavailable())
+            # Nobody could be looked up: in `open` mode the request passes, billed to its key later.
+            planned = self.gate.admission("", route, headers, environ)
+            if isinstance(planned, Answer):
+                return _answer(start_response, planned)
+            return self._storage_failed(environ, start_response, planned, key)
         if customer is None:
             refusal = Decision(
                 False, 401, "unauthenticated", "", detail="no API key, or a key nobody holds"
@@ -117,18 +152,24 @@ class WSGIMeteringMiddleware:
         try:
             decision = self._admit(planned)
         except StorageUnavailable:
-            if self.config.storage.on_failure == "closed":
-                return _answer(start_response, self.gate.unavailable())
-            planned.idempotency_key = planned.idempotency_key or "degraded-" + uuid.uuid4().hex
-            self._degraded.append(planned)
-            decision = Decision(True, 200, None, planned.customer, degraded=True)
-            degraded = [("metergate-degraded", "?1")]
-            return self._forward(environ, start_response, planned, decision, degraded)
+            return self._storage_failed(environ, start_response, planned, None)
         if not decision.allowed:
             return _answer(start_response, self.gate.refusal(decision, self.clock()))
-        if self._degraded:
-            self._drain()
-        return self._forward(environ, start_response, planned, decision)
+        if self._deferred:
+            self._drain(DRAIN_PER_REQUEST)
+
+        ticket = decision.ticket
+
+        def settle(response_headers: Mapping[str, str]) -> None:
+            if ticket is None:
+                return
+            try:
+                self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
+            except Exception:  # the hold or lease expires on its own; never fail the response
+                logger.exception("metergate: settlement failed; the hold will expire")
+
+        fields = ratelimit_fields(decision, self.clock())
+        return self._forward(environ, start_response, fields, settle)
 
     def _admit(self, planned: Admission) -> Decision:
         route = planned.route
@@ -138,13 +179,12 @@ class WSGIMeteringMiddleware:
             planned.idempotency_key,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
-            lease_ttl_s=route.lease_ttl_ms // 1000 if route.lease_ttl_ms else None,
+            lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
         )
 
-    def _customer(self, environ: Environ, headers: dict[str, str]) -> str | None:
+    def _customer(self, environ: Environ, key: str | None) -> str | None:
         if self.identify is not None:
             return self.identify(environ)
-        key = self.gate.key_of(headers)
         if key is None:
             return None
         now = time.monotonic()
@@ -162,25 +202,19 @@ class WSGIMeteringMiddleware:
         self,
         environ: Environ,
         start_response: StartResponse,
-        planned: Admission,
-        decision: Decision,
-        extra: list[tuple[str, str]] | None = None,
+        fields: list[tuple[str, str]],
+        on_end: OnEnd,
     ) -> Iterable[bytes]:
-        fields = extra if extra is not None else ratelimit_fields(decision, self.clock())
+        """Run the app with our fields added; `on_end` runs once, however the response ends."""
         response_headers: dict[str, str] = {}
-        ticket = decision.ticket
-        settled = threading.Event()
+        ended = threading.Lock()
 
-        def settle() -> None:
-            if ticket is None or settled.is_set():
-                return
-            settled.set()
-            try:
-                self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
-            except Exception:  # the hold or lease expires on its own; never fail the response
-                logger.exception("metergate: settlement failed; the hold will expire")
+        def end() -> None:
+            if ended.acquire(blocking=False):
+                on_end(response_headers)
 
         def metered_start_response(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            # The app's own headers stay untouched; ours are appended.
             for k, v in headers:
                 response_headers[k.lower()] = v
             return start_response(status, [*headers, *fields], *args)
@@ -188,22 +222,60 @@ class WSGIMeteringMiddleware:
         try:
             body = self.app(environ, metered_start_response)
         except BaseException:
-            settle()
+            end()
             raise
-        return _Settling(body, settle)
+        return _Metered(body, response_headers, end)
 
-    def _drain(self) -> None:
-        """Meter what was let through while storage was down, once each (same idempotency key)."""
-        while self._degraded:
-            planned = self._degraded[0]
-            try:
-                decision = self.meter.admit(
-                    planned.customer,
-                    {**planned.amounts, **planned.estimates},
-                    planned.idempotency_key,
-                )
-            except StorageUnavailable:
+    def _storage_failed(
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        planned: Admission,
+        api_key: str | None,
+    ) -> Iterable[bytes]:
+        if self.config.storage.on_failure == "closed":
+            return _answer(start_response, self.gate.unavailable())
+        # The same Idempotency-Key retried while storage is down is still recorded once.
+        key = planned.idempotency_key
+        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+
+        def defer(response_headers: Mapping[str, str]) -> None:
+            item = self.gate.deferred(planned, response_headers, operation, api_key)
+            if item is None:
                 return
-            self._degraded.popleft()
-            if decision.ticket is not None:
-                self.meter.settle(decision.ticket)
+            if len(self._deferred) == self._deferred.maxlen:
+                logger.error(
+                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
+                )
+            self._deferred.append(item)
+
+        return self._forward(environ, start_response, DEGRADED, defer)
+
+    def _drain(self, limit: int) -> None:
+        """Record up to `limit` requests let through while storage was down (one thread at once)."""
+        if not self._draining.acquire(blocking=False):
+            return
+        try:
+            for _ in range(limit):
+                if not self._deferred:
+                    return
+                item = self._deferred[0]
+                try:
+                    customer = item.customer
+                    if customer is None and item.api_key is not None:
+                        customer = self.meter.customer_for_key(item.api_key)
+                    if customer is not None:
+                        decision = self.meter.admit(customer, item.amounts, item.operation)
+                        if not decision.allowed:
+                            logger.warning(
+                                "metergate: a request let through while storage was down was "
+                                "refused afterwards (%s); it stays unrecorded",
+                                decision.problem,
+                            )
+                except StorageUnavailable:
+                    return  # still down: a later admitted request tries again
+                except Exception:
+                    logger.exception("metergate: could not record a request let through while down")
+                self._deferred.popleft()
+        finally:
+            self._draining.release()

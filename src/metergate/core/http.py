@@ -1,7 +1,8 @@
-"""HTTP, sans-I/O: routes, identity, what a request costs, and the answers (problem+json, RateLimit).
+"""HTTP, sans-I/O: routes, identity, what a request costs, the answers (problem+json, RateLimit).
 
-Both adapters (ASGI and WSGI) and the reverse proxy drive a `Gate`: it turns a request's method, path
-and headers into an admission to run, and a Decision into the response status, headers and body.
+Both adapters (ASGI and WSGI) and the reverse proxy drive a `Gate`: it turns a request's method,
+path and headers into an admission to run, and a Decision into the response status, headers and
+body.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "Admission",
     "Answer",
     "CompiledRoute",
+    "Deferred",
     "Gate",
     "MeteredCost",
     "RouteTable",
@@ -82,6 +84,16 @@ class CompiledRoute:
     lease_ttl_ms: int | None
 
 
+def _methods(methods: Sequence[str] | None) -> frozenset[str] | None:
+    if not methods:
+        return None
+    upper = {m.upper() for m in methods}
+    # Frameworks answer HEAD with the GET handler: a HEAD must not slip past a GET route unmetered.
+    if "GET" in upper:
+        upper.add("HEAD")
+    return frozenset(upper)
+
+
 def _compile_route(route: RouteConfig) -> CompiledRoute:
     costs = []
     for meter in route.meter:
@@ -100,7 +112,7 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
     return CompiledRoute(
         path=route.path,
         regex=_template_regex(route.path),
-        methods=frozenset(m.upper() for m in route.methods) if route.methods else None,
+        methods=_methods(route.methods),
         costs=tuple(costs),
         reserve_ttl_ms=route.reserve_ttl,
         lease_ttl_ms=route.lease_ttl,
@@ -219,7 +231,19 @@ class Admission:
     """metric -> (response header, reserve): settled from the response."""
 
 
-Identify = Callable[[Mapping[str, str]], str | None]
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A request let through unmetered while storage was down (`on_failure: open`).
+
+    It is recorded once storage answers again, under its own operation id, so that recording it
+    twice (after a timeout whose outcome is unknown) counts it once.
+    """
+
+    customer: str | None
+    api_key: str | None
+    """The key to look the customer up by, when storage was down before it could be."""
+    amounts: dict[str, int]
+    operation: str
 
 
 class Gate:
@@ -253,14 +277,19 @@ class Gate:
         headers: Mapping[str, str],
         request: Any = None,
     ) -> Admission | Answer:
-        """Work out what the request costs; an unreadable cost header answers 400."""
+        """Work out what the request costs; an unreadable cost header answers 400.
+
+        A custom cost callable (`costs={metric: f}`) gets the framework's request (the ASGI scope
+        or the WSGI environ) and must return an int; anything else raises InvalidAmount.
+        """
         amounts: dict[str, int] = {}
         estimates: dict[str, int] = {}
         response_costs: dict[str, tuple[str, int]] = {}
         for cost in route.costs:
             custom = self.costs.get(cost.metric)
             if custom is not None:
-                amounts[cost.metric] = int(custom(request))
+                # No int() here: a float or a numeric string from a callable is a bug to surface.
+                amounts[cost.metric] = custom(request)
             elif cost.response_header is not None:
                 estimates[cost.metric] = cost.reserve
                 response_costs[cost.metric] = (cost.response_header.lower(), cost.reserve)
@@ -286,6 +315,9 @@ class Gate:
         headers = ratelimit_fields(decision, now_s) if decision.assets else []
         if decision.retry_after is not None:
             headers.append(("retry-after", str(decision.retry_after)))
+        if decision.status == 401:
+            # RFC 9110 11.6.1: a 401 carries a challenge naming how to authenticate.
+            headers.append(("www-authenticate", self.challenge()))
         usage = decision.assets.get(decision.metric or "")
         return problem(
             decision.problem or "forbidden",
@@ -294,10 +326,17 @@ class Gate:
             headers,
             customer=decision.customer or None,
             metric=decision.metric,
-            level=usage.level if usage else None,
+            level=usage.level if usage else decision.level,
             policy=usage.policy if usage else None,
             retry_after=decision.retry_after,
         )
+
+    def challenge(self) -> str:
+        """Return the WWW-Authenticate challenge for the configured identity header."""
+        if self.identity_header == "authorization":
+            return 'Bearer realm="metergate"'
+        # Not a registered scheme: it names the header that should carry the key.
+        return f'ApiKey realm="metergate", header="{self.config.identity.header}"'
 
     def unavailable(self, retry_after: int = 1) -> Answer:
         """Build the 503 answer for storage that did not answer in time (closed mode)."""
@@ -311,9 +350,33 @@ class Gate:
 
     @staticmethod
     def actuals(admission: Admission, response_headers: Mapping[str, str]) -> dict[str, int]:
-        """Read the actual units of response-priced metrics; a missing header charges the reserve."""
+        """Read the actual units of response-priced metrics; without the header, the reserve."""
         out: dict[str, int] = {}
         for metric, (header, reserve) in admission.response_costs.items():
             raw = response_headers.get(header, "").strip()
             out[metric] = int(raw) if re.fullmatch(r"\d{1,15}", raw) else reserve
         return out
+
+    def deferred(
+        self,
+        admission: Admission,
+        response_headers: Mapping[str, str],
+        operation: str,
+        api_key: str | None = None,
+    ) -> Deferred | None:
+        """Describe what a request let through while storage was down should record later.
+
+        Response-priced metrics count what the response said (or the reserve). UpDownCounter
+        units are left out: the request is over by the time they could be recorded.
+        """
+        amounts = {**admission.amounts, **self.actuals(admission, response_headers)}
+        metrics = self.config.metrics
+        amounts = {
+            m: v
+            for m, v in amounts.items()
+            if m in metrics and metrics[m].type != "UpDownCounter" and v > 0
+        }
+        if not amounts:
+            return None
+        customer = admission.customer or None
+        return Deferred(customer, None if customer else api_key, amounts, operation)
