@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -530,7 +531,15 @@ OPENAPI = _openapi()
 def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starlette:
     """Return the admin API as an ASGI app (mount it anywhere, or let `metergate serve` run it)."""
     cfg = as_config(config)
+    owned = meter is None
     api = AdminAPI(meter or AsyncMeter(cfg), cfg.admin.token)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if owned:  # a meter handed in belongs to the caller, who closes it
+            await api.meter.aclose()
+
     routes = [
         Route(
             literal,
@@ -545,6 +554,6 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         Route("/metrics", api.guard(api.metrics), methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.api = api
     return app

@@ -243,7 +243,7 @@ class Walk:
         await asyncio.sleep(1.1)
         await self.call("after the Retry-After: admitted again", "GET", "/v1/things")
         await asyncio.sleep(1.1)
-        for i in range(5):
+        for _ in range(5):
             response = await self.call("OverUsage: allowed, priced as overage", "GET", "/v1/things")
             if response.status_code == 429 and "rate" in response.text:
                 await asyncio.sleep(float(response.headers.get("retry-after", "1")))
