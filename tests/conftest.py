@@ -63,11 +63,16 @@ class RedisProcess:
         self.proc = subprocess.Popen(
             [
                 binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -179,9 +184,12 @@ class RedisCluster:
         self.nodes = [
             RedisProcess(
                 workdir / f"node{i}",
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{i}.conf",
-                "--cluster-node-timeout", "1000",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{i}.conf",
+                "--cluster-node-timeout",
+                "1000",
             )
             for i in range(3 * (1 + replicas))
         ]
@@ -198,9 +206,12 @@ class RedisCluster:
             pytest.fail("redis-cli is not installed")
         subprocess.run(
             [
-                cli, "--cluster", "create",
+                cli,
+                "--cluster",
+                "create",
                 *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                "--cluster-replicas", str(self.replicas),
+                "--cluster-replicas",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
