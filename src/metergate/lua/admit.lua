@@ -60,8 +60,8 @@ end
 local assets = {}
 for i = 1, n do
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
-    ps = int(ARGV[p + 4]), pe = int(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
-    bi = int(ARGV[p + 8]), nt = int(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
+    ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
+    bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
     tiers = {}, tat = {}}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
   if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
@@ -72,9 +72,9 @@ for i = 1, n do
   if a.amount < 0 and not signed then return bad('amount', 'negative for ' .. a.metric) end
   p = p + 10
   for k = 1, a.nt do
-    local t = {from = int(ARGV[p]), level = int(ARGV[p + 1]), policy = ARGV[p + 2],
-      grace = int(ARGV[p + 3]), limit = int(ARGV[p + 4]), per = int(ARGV[p + 5]),
-      pu = int(ARGV[p + 6]), pper = int(ARGV[p + 7]), base = int(ARGV[p + 8])}
+    local t = {from = num(ARGV[p]), level = num(ARGV[p + 1]), policy = ARGV[p + 2],
+      grace = num(ARGV[p + 3]), limit = num(ARGV[p + 4]), per = num(ARGV[p + 5]),
+      pu = num(ARGV[p + 6]), pper = num(ARGV[p + 7]), base = num(ARGV[p + 8])}
     if not (t.from and t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
       or t.pper < 1 or t.limit < 1 or t.per < 1 or not POLICIES[t.policy] or not LEVELS[t.level + 1]
       or (k > 1 and t.from <= a.tiers[k - 1].from) then
