@@ -400,7 +400,7 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
 def _worker() -> Any:
     """Return the background worker coroutine factory, if the worker is available."""
     try:
-        from metergate.worker import run_worker  # type: ignore[attr-defined]
+        from metergate.worker import run_worker
     except ImportError:
         return None
     return run_worker

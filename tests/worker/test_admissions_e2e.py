@@ -1,0 +1,104 @@
+"""Real admissions feed `usage.reported` and `period.closed` (needs the admit.lua lines)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Clock
+from metergate.storage import AsyncStorage
+from metergate.storage.scripts import load_script
+from metergate.worker import Worker
+
+from .conftest import run
+from .test_reports import KEYS
+
+pytestmark = pytest.mark.skipif(
+    "ZADD', closing" not in load_script("admit").source,
+    reason="admit.lua does not aggregate usage windows nor register closing periods yet",
+)
+
+NORMAL = {"from": 0, "level": "Normal", "policy": "NotifyOnly"}
+SPEC: dict[str, Any] = {
+    "metrics": {"calls": {"type": "CumulativeCounter"}, "seats": {"type": "Gauge"}},
+    "plans": {
+        "p": {
+            "assets": {
+                "calls": {
+                    "period": "day",
+                    "balance": "credits",
+                    "tiers": [
+                        {**NORMAL, "price": {"per_unit": 2}},
+                        {
+                            "from": 5,
+                            "level": "OverUsage",
+                            "policy": "AllowWithOverage",
+                            "price": {"per_unit": 3},
+                        },
+                    ],
+                },
+                "seats": {"period": "day", "tiers": [NORMAL]},
+            }
+        }
+    },
+    "customers": {
+        "acme": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 1000}}},
+        "idle": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 1000}}},
+    },
+    "storage": {"partitions": 4},
+    "usage_report_interval": "60s",
+}
+DAY = 1_800_057_600  # 2027-01-16T00:00:00Z
+
+
+def test_admissions_feed_reports_and_closes(
+    make_meter: Any, storage_url: str, clock: Clock
+) -> None:
+    """Usage is reported per window with overage and credits; each period closes exactly once."""
+    meter = make_meter(SPEC)
+    clock.now = DAY
+    assert meter.admit("acme", {"calls": 4}).allowed
+    assert meter.admit("acme", {"calls": 3}).allowed  # the last 2 units are overage
+    assert meter.admit("idle", {"calls": 1}).allowed
+    meter.record("acme", "seats", 9)
+    events: list[dict[str, Any]] = []
+
+    async def scenario(storage: AsyncStorage) -> None:
+        async with httpx.AsyncClient() as http:
+            worker = Worker(meter.config, storage, clock, http)
+            clock.advance(90)
+            assert (await worker.run_once()).reported == 2
+            clock.advance(
+                86_400
+            )  # the next day: acme is admitted again (closing its day), idle not
+            meter.admit("acme", {"calls": 1})
+            meter.record("acme", "seats", 2)
+            clock.advance(90)
+            assert (await worker.run_once()).closed == 1  # idle's day, closed by the worker
+            assert (await worker.run_once()).closed == 0
+        for p in range(4):
+            for _, fields in await storage.client.xrange(KEYS.outbox(p)):
+                events.append({**fields, "data": json.loads(fields["data"])})
+
+    run(scenario, storage_url)
+    usage = {e["id"]: e["data"] for e in events if e["type"] == "usage.reported"}
+    acme = usage[f"usage:acme:calls:{DAY}"]
+    assert (acme["quantity"], acme["overage_quantity"], acme["credits_charged"]) == (7, 2, 16)
+    assert acme["period_start"] == "2027-01-16T00:00:00Z"
+    closed = {e["id"]: e["data"] for e in events if e["type"] == "period.closed"}
+    assert set(closed) == {
+        f"period:acme:calls:{DAY}",
+        f"period:acme:seats:{DAY}",
+        f"period:idle:calls:{DAY}",
+    }
+    calls = closed[f"period:acme:calls:{DAY}"]
+    assert (calls["value"], calls["overage"], calls["credits_charged"]) == (7, 2, 16)
+    assert calls["period_end"] == "2027-01-17T00:00:00Z"
+    assert (
+        closed[f"period:acme:seats:{DAY}"]["value"],
+        closed[f"period:acme:seats:{DAY}"]["peak"],
+    ) == (9, 9)
+    assert closed[f"period:idle:calls:{DAY}"]["value"] == 1
