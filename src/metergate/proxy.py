@@ -7,10 +7,12 @@ the upstream origin is fixed at start and no request path can change it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 
-import httpx
+import aiohttp
+import yarl
 
 from metergate.asgi import MeteringMiddleware, Receive, Scope, Send
 from metergate.config import GatewayConfig
@@ -56,18 +58,17 @@ def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 class ProxyApp:
     """Forward each request to the upstream and stream the response back."""
 
-    def __init__(self, config: GatewayConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession | None = None) -> None:
         self.config = config
         proxy = config.proxy
-        self.upstream = httpx.URL(proxy.upstream)
+        upstream = yarl.URL(proxy.upstream)
+        self.origin = str(upstream.origin())
+        self.timeout_s = float(proxy.timeout_s)
+        self.session = session
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.max_body = proxy.max_body_bytes
         self.identity_header = config.identity.header.lower().encode("latin-1")
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in proxy.trusted_proxies]
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(proxy.timeout_s),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-            follow_redirects=False,
-        )
 
     def _trusted(self, peer: str | None) -> bool:
         if not peer:
@@ -107,13 +108,28 @@ class ProxyApp:
             out.append((b"x-forwarded-host", forwarded.get(b"x-forwarded-host", host)))
         return out
 
-    def _url(self, scope: Scope) -> httpx.URL:
+    def _url(self, scope: Scope) -> yarl.URL:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(b"/"):
             raw_path = b"/" + raw_path
         query: bytes = scope.get("query_string", b"")
-        # copy_with(raw_path=...) keeps scheme, host and port: `//evil/x` stays a path here.
-        return self.upstream.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+        target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
+        # The origin is fixed text before the path: `//evil/x` or `/http://evil` stay paths.
+        return yarl.URL(self.origin + target, encoded=True)
+
+    def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self.session is None or self.session.closed or self._loop is not loop:
+            self._loop = loop
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self.session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -147,46 +163,56 @@ class ProxyApp:
                 if not message.get("more_body", False):
                     return
 
-        request = self.client.build_request(
-            scope["method"],
-            self._url(scope),
-            headers=self._request_headers(scope),
-            content=body() if scope["method"] not in ("GET", "HEAD") or length else None,
-        )
+        out_headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in self._request_headers(scope)
+        ]
+        if length is not None:
+            out_headers.append(("Content-Length", length.decode("latin-1")))
+        has_body = length not in (None, b"0") or b"transfer-encoding" in headers
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self._session().request(
+                scope["method"],
+                self._url(scope),
+                headers=out_headers,
+                data=body() if has_body else None,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                allow_redirects=False,
+                compress=None,
+            )
         except BodyTooLarge:
             await send_answer(send, _too_large(self.max_body))
             return
         except ClientGone:
             return
-        except httpx.TimeoutException:
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             await send_answer(
                 send, problem("gateway-timeout", 504, "the upstream did not answer in time")
             )
             return
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, BodyTooLarge) or "BodyTooLarge" in repr(exc):
+                await send_answer(send, _too_large(self.max_body))
+                return
             detail = f"the upstream is unreachable ({type(exc).__name__})"
             await send_answer(send, problem("bad-gateway", 502, detail))
             return
         try:
-            out_headers = _strip_hop_by_hop(list(response.headers.raw))
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": out_headers,
+                    "status": response.status,
+                    "headers": _strip_hop_by_hop(list(response.raw_headers)),
                 }
             )
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpx.HTTPError, OSError):
+        except (aiohttp.ClientError, TimeoutError, OSError):
             # The upstream or the client went away mid-body: nothing more can be said on this
             # response; the metering middleware settles in its finally block.
             pass
         finally:
-            await response.aclose()
+            response.release()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -194,7 +220,8 @@ class ProxyApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.client.aclose()
+                if self.session is not None:
+                    await self.session.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -212,8 +239,8 @@ def create_app(
     *,
     meter: AsyncMeter | None = None,
     clock: Callable[[], float] | None = None,
-    client: httpx.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
 ) -> MeteringMiddleware:
     """Return the metered reverse proxy as an ASGI app."""
     cfg = as_config(config)
-    return MeteringMiddleware(ProxyApp(cfg, client), cfg, meter=meter, clock=clock)
+    return MeteringMiddleware(ProxyApp(cfg, session), cfg, meter=meter, clock=clock)

@@ -59,12 +59,6 @@ def test_concurrent_priced_requests_never_overdraw(gateway: Gateway) -> None:
     assert gateway.meter.balance("acme", "credits").available == 0
 
 
-UVLOOP_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="storage/pipelined.py _Protocol.connection_made asserts isinstance(transport, "
-    "asyncio.Transport), which uvloop's TCPTransport is not: every admission fails (503)",
-)
-
 # Run in a child process: a failing uvloop leaves handles behind that would spill into other tests.
 ON_UVLOOP = """
 import json, socket, sys, threading, time
@@ -97,9 +91,7 @@ thread.join()
 """
 
 
-@pytest.mark.parametrize(
-    "storage_url", ["memory", pytest.param("redis", marks=UVLOOP_BUG)], indirect=True
-)
+@pytest.mark.parametrize("storage_url", ["memory", "redis"], indirect=True)
 def test_asgi_middleware_on_uvloop(gateway_config: dict[str, Any]) -> None:
     """Under uvicorn's uvloop event loop (uvicorn[standard]) requests are metered, not refused."""
     pytest.importorskip("uvloop")
