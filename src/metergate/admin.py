@@ -305,13 +305,14 @@ class AdminAPI:
 
     async def close_reservation(self, request: Request) -> Response:
         rid, action = request.path_params["rid"], request.path_params["action"]
+        key = request.headers.get("idempotency-key")
         if action == "commit":
             body = await _parse(request, AmountBody)
             if isinstance(body, Response):
                 return body
-            state = await self.meter.commit(rid, body.amount)
+            state = await self.meter.commit(rid, body.amount, key)
         else:
-            state = await self.meter.release(rid)
+            state = await self.meter.release(rid, key)
         return _json(state.as_dict())
 
     async def ledger(self, request: Request) -> Response:

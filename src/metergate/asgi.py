@@ -126,7 +126,9 @@ class MeteringMiddleware:
             await _send_answer(send, planned)
             return
         try:
-            decision = await asyncio.wait_for(self._admit(planned), self.timeout_s)
+            # asyncio.timeout, unlike wait_for, does not wrap the call in a new Task
+            async with asyncio.timeout(self.timeout_s):
+                decision = await self._admit(planned)
         except (StorageUnavailable, TimeoutError):
             await self._storage_failed(scope, receive, send, planned, None)
             return
@@ -171,7 +173,8 @@ class MeteringMiddleware:
         cached = self._keys.get(key)
         if cached is not None and cached[1] > now:
             return cached[0]
-        customer = await asyncio.wait_for(self.meter.customer_for_key(key), self.timeout_s)
+        async with asyncio.timeout(self.timeout_s):
+            customer = await self.meter.customer_for_key(key)
         if customer is not None:
             if len(self._keys) > 100_000:
                 self._keys.clear()

@@ -201,6 +201,8 @@ class StorageConfig(_Model):
     """closed: refuse with 503 while storage is unreachable; open: let requests through."""
     partitions: Annotated[StrictInt, Field(ge=1, le=16384)] = 64
     """Customers are hashed into this many partitions, each one slot with its own outbox."""
+    eviction: Literal["refuse", "warn"] = "refuse"
+    """A Redis whose maxmemory-policy may evict keys: refuse to use it, or warn and use it."""
 
 
 class MetricConfig(_Model):

@@ -176,13 +176,19 @@ class Meter:
         """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
         return self._drive(self.core.reserve(customer, name, amount, ttl_s))[0]
 
-    def commit(self, reservation_id: str, amount: int) -> BalanceState:
+    def commit(
+        self, reservation_id: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
         """Charge the actual amount of a reservation and release the rest (once)."""
-        return self._drive(self.core.close_reservation(reservation_id, "commit", amount))
+        return self._drive(
+            self.core.close_reservation(reservation_id, "commit", amount, idempotency_key)
+        )
 
-    def release(self, reservation_id: str) -> BalanceState:
+    def release(self, reservation_id: str, idempotency_key: str | None = None) -> BalanceState:
         """Release a reservation's hold (once)."""
-        return self._drive(self.core.close_reservation(reservation_id, "release"))
+        return self._drive(
+            self.core.close_reservation(reservation_id, "release", 0, idempotency_key)
+        )
 
     def ledger(self, customer: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the customer's balance mutations, newest first."""
@@ -340,13 +346,21 @@ class AsyncMeter:
         """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
         return (await self._drive(self.core.reserve(customer, name, amount, ttl_s)))[0]
 
-    async def commit(self, reservation_id: str, amount: int) -> BalanceState:
+    async def commit(
+        self, reservation_id: str, amount: int, idempotency_key: str | None = None
+    ) -> BalanceState:
         """Charge the actual amount of a reservation and release the rest (once)."""
-        return await self._drive(self.core.close_reservation(reservation_id, "commit", amount))
+        return await self._drive(
+            self.core.close_reservation(reservation_id, "commit", amount, idempotency_key)
+        )
 
-    async def release(self, reservation_id: str) -> BalanceState:
+    async def release(
+        self, reservation_id: str, idempotency_key: str | None = None
+    ) -> BalanceState:
         """Release a reservation's hold (once)."""
-        return await self._drive(self.core.close_reservation(reservation_id, "release"))
+        return await self._drive(
+            self.core.close_reservation(reservation_id, "release", 0, idempotency_key)
+        )
 
     async def ledger(self, customer: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the customer's balance mutations, newest first."""

@@ -123,9 +123,6 @@ def test_second_meter_with_the_same_config_keeps_runtime_changes(make_meter: Mak
     assert [e["kind"] for e in second.ledger("c")] == ["suspend", "withdraw", "initial"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="core/flows.py bootstrap re-sends config settings with the `create` op"
-)
 def test_second_meter_keeps_balance_settings_changed_at_runtime(make_meter: MakeMeter) -> None:
     """Overage and low_at changed at runtime survive a restart with the original config."""
     first = make_meter(config())

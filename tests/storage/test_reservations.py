@@ -140,10 +140,6 @@ def test_release_returns_the_whole_hold(make_meter: MakeMeter) -> None:
     assert kinds(meter) == ["release", "hold", "initial"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/flows.py close_reservation uses op id '<op>:<rid>', so a second close replays",
-)
 @pytest.mark.parametrize(
     ("first", "second"),
     [("commit", "commit"), ("commit", "commit-other"), ("release", "release")],

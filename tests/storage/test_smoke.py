@@ -15,13 +15,20 @@ def test_admission_counts_and_charges(make_meter: Any) -> None:
                             "period": "month",
                             "balance": "credits",
                             "tiers": [
-                                {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": 2}}
+                                {
+                                    "from": 0,
+                                    "level": "Normal",
+                                    "policy": "NotifyOnly",
+                                    "price": {"per_unit": 2},
+                                }
                             ],
                         }
                     }
                 }
             },
-            "customers": {"c": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 10}}}},
+            "customers": {
+                "c": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 10}}}
+            },
         }
     )
     decision = meter.admit("c", {"calls": 3})

@@ -6,20 +6,13 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 
 from conftest import Clock
 from metergate.storage import AsyncStorage
-from metergate.storage.scripts import load_script
 from metergate.worker import Worker
 
 from .conftest import run
 from .test_reports import KEYS
-
-pytestmark = pytest.mark.skipif(
-    "ZADD', closing" not in load_script("admit").source,
-    reason="admit.lua does not aggregate usage windows nor register closing periods yet",
-)
 
 NORMAL = {"from": 0, "level": "Normal", "policy": "NotifyOnly"}
 SPEC: dict[str, Any] = {

@@ -160,7 +160,8 @@ class MeterCore:
         self.plans: dict[str, dict[str, CompiledAsset]] = compile_plans(config)
         self._entitlements: dict[str, Entitlement] = {}
         self._bootstrapped = False
-        self._seen_sentinels = False
+        self._generations: dict[str, str] = {}  # sentinel key -> the value seen at bootstrap
+        self._lost: set[str] = set()  # sentinel keys missing at bootstrap while others were there
         default_lease_s = config.proxy.timeout_s + 60
         self.default_lease_ms = default_lease_s * 1000
 
@@ -179,9 +180,11 @@ class MeterCore:
     # an empty primary) looks like a fresh Redis: every balance would be missing, and a gateway
     # would answer 401 for every customer, or re-create configured balances at their starting
     # amount. So each partition's slot (and the API keys' slot) holds a sentinel key, written
-    # once the configured customers are loaded. After its bootstrap, a process that finds a
-    # customer or balance missing looks at the sentinel of that slot: gone means the data is gone,
-    # and it raises StorageUnavailable instead of answering from an empty store.
+    # once the configured customers are loaded, whose value (a random generation) every process
+    # remembers at its bootstrap. A process that then finds a customer or balance missing reads
+    # the sentinel of that slot: gone, or another generation (the store was emptied and loaded
+    # afresh by a newer process), means the data is gone, and it raises StorageUnavailable
+    # instead of answering from an empty store.
 
     def sentinel(self, partition: int | None) -> str:
         """Return the sentinel key of a partition's slot (None: of the API keys' slot)."""
@@ -194,24 +197,27 @@ class MeterCore:
         return [self.sentinel(None), *(self.sentinel(p) for p in range(self.keys.partitions))]
 
     def require_data(self, key: str) -> Flow[None]:
-        """Raise StorageUnavailable when the sentinel `key` is gone (after bootstrap)."""
+        """Raise StorageUnavailable when the sentinel `key` is gone or was written anew."""
         if not self._bootstrapped:
             return
-        found = yield Command(("EXISTS", key))
-        if not found:
-            raise StorageUnavailable(f"{LOST_DATA} (the sentinel key {key} is gone)")
+        value = yield Command(("GET", key))
+        if value is None or value != self._generations.get(key, value):
+            raise StorageUnavailable(f"{LOST_DATA} (the sentinel key {key} is gone or new)")
 
     def bootstrap(self) -> Flow[None]:
         """Load the configured customers into storage without overwriting runtime changes."""
         if self._bootstrapped:
             return
         sentinels = self._sentinels()
-        found = yield Batch(tuple(("EXISTS", key) for key in sentinels))
-        missing = {key for key, hit in zip(sentinels, found, strict=True) if not hit}
-        if missing and self._seen_sentinels:
-            # a bootstrap that failed half-way and is retried: the data went away meanwhile
-            raise StorageUnavailable(f"{LOST_DATA} (sentinel keys are gone: {sorted(missing)})")
-        lost = missing if len(missing) < len(sentinels) else set()
+        values = yield Batch(tuple(("GET", key) for key in sentinels))
+        found = {key: v for key, v in zip(sentinels, values, strict=True) if v is not None}
+        missing = {key for key in sentinels if key not in found}
+        changed = any(self._generations.get(key, v) != v for key, v in found.items())
+        if changed or (self._generations and missing - self._lost):
+            # a bootstrap that failed half-way is retried, and the data went away meanwhile
+            raise StorageUnavailable(f"{LOST_DATA} (sentinel keys are gone or new)")
+        lost = missing if found else set()
+        self._lost = lost
         if lost:
             # Some slots were bootstrapped and others lost their data (a Cluster node restarted
             # empty), or a first bootstrap elsewhere is half-way. Write nothing there.
@@ -223,7 +229,7 @@ class MeterCore:
                 len(sentinels),
                 ", ".join(sorted(lost)[:5]) + (", ..." if len(lost) > 5 else ""),
             )
-        self._seen_sentinels = self._seen_sentinels or len(missing) < len(sentinels)
+        self._generations.update(found)
         for cid, customer in self.config.customers.items():
             _check_name(cid, "customer")
             if self.sentinel(self.keys.partition(cid)) in lost:
@@ -234,12 +240,16 @@ class MeterCore:
                 only_if_missing=True,
                 api_keys=self.sentinel(None) not in lost,
             )
-        # Written last: a bootstrap that dies half-way leaves no sentinel on a fresh store.
         fresh = sorted(missing - lost)
         if fresh:
-            now = str(int(self.clock() * 1000))
-            yield Batch(tuple(("SET", key, now, "NX") for key in fresh))
-        self._seen_sentinels = True
+            # Written last, so that a bootstrap dying half-way leaves no sentinel on a fresh
+            # store; NX, and read back, as another process may be bootstrapping at once.
+            generation = f"{uuid.uuid4().hex} {int(self.clock() * 1000)}"
+            yield Batch(tuple(("SET", key, generation, "NX") for key in fresh))
+            values = yield Batch(tuple(("GET", key) for key in fresh))
+            self._generations.update(
+                (key, v) for key, v in zip(fresh, values, strict=True) if v is not None
+            )
         self._bootstrapped = True
 
     def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
@@ -264,7 +274,7 @@ class MeterCore:
         )
         yield Command(("SADD", self.keys.customers, cid))
         for name, balance in spec.balances.items():
-            yield from self._create_balance(cid, name, balance)
+            yield from self._create_balance(cid, name, balance, keep_settings=only_if_missing)
         for key_hash in spec.api_keys if api_keys else ():
             yield Command(("HSET", self.keys.api_keys, key_hash, cid))
         self._entitlements.pop(cid, None)
@@ -496,6 +506,15 @@ class MeterCore:
                 ]
             for name in balances:
                 keys += self.keys.balance(customer, name)
+            partition = self.keys.partition(customer)
+            interval_ms = self.config.usage_report_interval
+            window_start = now_ms - now_ms % interval_ms
+            keys += [
+                self.keys.usage_window(partition, window_start),
+                self.keys.usage_open(partition),
+                self.keys.closing(partition),
+            ]
+            args += [str(window_start), str(window_start + interval_ms)]
             reply = yield Script("admit", tuple(keys), tuple(args))
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
@@ -585,7 +604,11 @@ class MeterCore:
 
     # -- balances --------------------------------------------------------------------------
 
-    def _create_balance(self, customer: str, name: str, spec: BalanceConfig) -> Flow[BalanceState]:
+    def _create_balance(
+        self, customer: str, name: str, spec: BalanceConfig, *, keep_settings: bool = False
+    ) -> Flow[BalanceState]:
+        """Create a balance; update an existing one's settings unless `keep_settings` (at start,
+        the config must not undo overage or low_at changed at runtime)."""
         _check_name(name, "balance")
         low = "" if spec.low_at is None else str(spec.low_at)
         return (
@@ -594,7 +617,7 @@ class MeterCore:
                 name,
                 "create",
                 spec.amount,
-                extra=(spec.unit, str(spec.overage), low),
+                extra=(spec.unit, str(spec.overage), low, "1" if keep_settings else "0"),
                 op_id=f"create:{name}",
             )
         )
@@ -631,15 +654,18 @@ class MeterCore:
         )
         return rid, math.ceil(expires_ms / 1000)
 
-    def close_reservation(self, rid: str, op: str, amount: int = 0) -> Flow[BalanceState]:
-        """Commit (charge `amount`, release the rest) or release a reservation, exactly once."""
+    def close_reservation(
+        self, rid: str, op: str, amount: int = 0, idempotency_key: str | None = None
+    ) -> Flow[BalanceState]:
+        """Commit (charge `amount`, release the rest) or release a reservation, exactly once.
+
+        A second close raises Conflict `reservation-closed`; pass an idempotency key to make a
+        retry after a timeout return the first result instead."""
         yield from self.bootstrap()
         customer, name = _decode_rid(rid)
         if op == "commit":
             check_amount(amount, "amount")
-        return (
-            yield from self._balance_op(customer, name, op, amount, rid=rid, op_id=f"{op}:{rid}")
-        )
+        return (yield from self._balance_op(customer, name, op, amount, idempotency_key, rid=rid))
 
     def _balance_op(
         self,
@@ -651,7 +677,7 @@ class MeterCore:
         *,
         rid: str = "",
         expiry_ms: int = 0,
-        extra: tuple[str, str, str] = ("", "0", ""),
+        extra: tuple[str, ...] = ("", "0", ""),
         op_id: str | None = None,
     ) -> Flow[BalanceState]:
         if op_id is None:

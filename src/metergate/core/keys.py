@@ -27,6 +27,18 @@ class Keys:
         """Return the outbox stream of one partition."""
         return f"{{{self.prefix}:p{partition}}}:outbox"
 
+    def usage_window(self, partition: int, window_start_ms: int) -> str:
+        """Return the hash aggregating one partition's usage in one report window."""
+        return f"{{{self.prefix}:p{partition}}}:usage:{window_start_ms}"
+
+    def usage_open(self, partition: int) -> str:
+        """Return the zset of a partition's report windows with unreported usage."""
+        return f"{{{self.prefix}:p{partition}}}:usage:open"
+
+    def closing(self, partition: int) -> str:
+        """Return the zset of a partition's assets by the end of their current period."""
+        return f"{{{self.prefix}:p{partition}}}:closing"
+
     def customer(self, customer: str) -> str:
         """Return the hash holding a customer's entitlement, version and event sequence."""
         return f"{self.tag(customer)}:c:{customer}"

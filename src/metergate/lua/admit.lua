@@ -2,7 +2,8 @@
 --
 -- KEYS: 1 operation record, 2 partition outbox stream, 3 customer hash, 4 customer ledger list,
 --       then per asset i: asset hash, asset expiry zset (pending holds and leases),
---       then per balance j: balance hash, hold expiry zset.
+--       then per balance j: balance hash, hold expiry zset,
+--       then the partition's usage window hash, open usage windows zset and closing zset.
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
 --       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold expiry (epoch ms, for
 --       estimates and their balance holds), 9 lease expiry (epoch ms, for UpDownCounter admissions),
@@ -12,7 +13,8 @@
 --         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
 --         balance index (0 = none), tier count, then per tier: from, level index,
 --         policy (N notify, O overage, G grace, R rate limit, D deny, S suspend), grace,
---         rate limit, rate period ms, price per_unit, price per, price base.
+--         rate limit, rate period ms, price per_unit, price per, price base;
+--       then the usage window's start ms and end ms (windows of `usage_report_interval`).
 -- Units: amounts are integers of the metric's unit; prices integers of the balance's minor unit.
 -- Reply: strings: status ('200', '402', '403', '409', '429', or 'stale' when the entitlement
 --   version changed), problem slug, retry-after ms (-1 none), index of the refused asset (0 none),
@@ -62,7 +64,7 @@ for i = 1, n do
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
     ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
     bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
-    tiers = {}, tat = {}}
+    tiers = {}, tat = {}, charge = 0}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
   if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
     or not KINDS[a.kind] or not MODES[a.mode] then
@@ -84,6 +86,12 @@ for i = 1, n do
     p = p + 9
   end
   assets[i] = a
+end
+local uw_key, uw_open, closing = KEYS[5 + 2 * n + 2 * m], KEYS[6 + 2 * n + 2 * m],
+  KEYS[7 + 2 * n + 2 * m]
+local uw_start, uw_end = num(ARGV[p]), num(ARGV[p + 1])
+if not closing or not uw_start or not uw_end then
+  return bad('usage window', 'keys or bounds missing')
 end
 
 local function tier_of(tiers, v)
@@ -187,7 +195,9 @@ for i = 1, n do
     fields[#fields + 1] = 'base' .. k
     fields[#fields + 1] = 'tat' .. k
   end
+  fields[#fields + 1] = 'crd' -- credits charged in the period, for period.closed
   local h = redis.call('HMGET', a.key, unpack(fields))
+  a.crd = tonumber(h[#fields] or '0')
   a.w = {}
   a.xn = tonumber(h[9] or '0')
   a.base_flags, a.base_set, a.tats = {}, {}, {}
@@ -216,6 +226,8 @@ for i = 1, n do
   if a.kind == 'C' or a.kind == 'T' or (a.kind == 'G' and a.pe > 0) then
     if a.ps > a.stored_ps then
       a.rollover = true
+      a.closing = {v = a.v, ovg = a.ovg, peak = a.peak, crd = a.crd} -- the period being left
+      a.crd = 0
       if a.kind ~= 'G' then a.v, a.ovg, a.lvl = 0, 0, a.tiers[1].level end
       a.peak = 0
     elseif a.ps < a.stored_ps then
@@ -285,7 +297,8 @@ for i = 1, n do
     if mode == 'e' then
       b.hold = b.hold + price(a, before, after, false)
     elseif d > 0 then
-      b.charge = b.charge + price(a, a.v, a.v + d, true)
+      a.charge = price(a, a.v, a.v + d, true)
+      b.charge = b.charge + a.charge
     end
     b.used = true
   end
@@ -323,6 +336,20 @@ local function level_event(a, new_v)
   end
 end
 
+-- period.closed for the period an asset leaves, once (`cps` is shared with close.lua).
+local function close_period(a)
+  if a.stored_ps < 0 then return end
+  local h = redis.call('HMGET', a.key, 'pe', 'cps')
+  if h[2] == fmt(a.stored_ps) then return end
+  local fields = {{'metric', a.metric, 's'}, {'period_start', iso_utc(a.stored_ps), 's'},
+    {'period_end', iso_utc(tonumber(h[1] or a.ps)), 's'}, {'value', a.closing.v, 'i'},
+    {'overage', a.closing.ovg, 'i'}, {'credits_charged', a.closing.crd, 'i'}}
+  if a.kind == 'G' then fields[#fields + 1] = {'peak', a.closing.peak, 'i'} end
+  emit_as(outbox, cust_key, customer, now, 'period.closed',
+    'period:' .. customer .. ':' .. a.metric .. ':' .. fmt(math.floor(a.stored_ps / 1000)), fields)
+  a.w.cps = fmt(a.stored_ps)
+end
+
 -- Write: the consequences of a refusal (a suspension), or the whole admission.
 for i = 1, n do
   local a = assets[i]
@@ -343,7 +370,10 @@ if status == '200' then
     local kind, mode = a.kind, a.mode
     local w = a.w
     if a.rollover then
+      close_period(a)
       w.ps, w.v, w.ovg, w.peak = fmt(a.ps), fmt(a.v), '0', '0'
+      w.pe, w.crd = fmt(a.pe), '0'
+      redis.call('ZADD', closing, a.pe, customer .. '\31' .. a.metric)
     end
     if mode == 'e' then
       a.pend, a.xn = a.pend + a.amount, a.xn + 1
@@ -371,7 +401,24 @@ if status == '200' then
         redis.call('ZADD', a.xkey, lease_exp, rid)
       end
       if kind == 'T' and mode == 'r' then w.last = fmt(a.amount) end
-      if a.d > 0 then a.ovg = a.ovg + awo_units(a, a.v, a.v + a.d) end
+      local ovg_added = 0
+      if a.d > 0 then
+        ovg_added = awo_units(a, a.v, a.v + a.d)
+        a.ovg = a.ovg + ovg_added
+      end
+      -- usage.reported is aggregated here, per window, never by scanning events
+      if a.d > 0 and (kind == 'C' or kind == 'T') then
+        local pair = customer .. '\31' .. a.metric
+        redis.call('HINCRBY', uw_key, 'q\31' .. pair, a.d)
+        if ovg_added > 0 then redis.call('HINCRBY', uw_key, 'o\31' .. pair, ovg_added) end
+        if a.charge > 0 and bal[a.bi].exists then
+          redis.call('HINCRBY', uw_key, 'c\31' .. pair, a.charge)
+          a.crd = a.crd + a.charge
+          w.crd = fmt(a.crd)
+        end
+        redis.call('HSET', uw_key, 'p\31' .. pair, fmt(a.ps))
+        redis.call('ZADD', uw_open, uw_end, fmt(uw_start))
+      end
       a.v = a.v + a.d
       for k, tat in pairs(a.tat) do w['tat' .. k] = string.format('%.17g', tat) end
       for _, k in ipairs(a.base_set) do w['base' .. k] = fmt(a.ps) end

@@ -14,35 +14,6 @@
 --   {'moved'} when the asset rolled over meanwhile (its admission closed the period);
 --   {'open', pe} when the period has not ended plus grace; {'gone'} when nothing is due.
 
-local function iso_utc(ms)
-  local s = math.floor(ms / 1000)
-  local days = math.floor(s / 86400)
-  local rem = s - days * 86400
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
-  local m = mp + 3
-  if mp >= 10 then m = mp - 9 end
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02dZ', y, m, d,
-    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
-end
-
-local function emit_as(outbox, cust_key, customer, now, etype, id, fields)
-  local seq = redis.call('HINCRBY', cust_key, 'seq', 1)
-  table.insert(fields, 1, {'customer', customer, 's'})
-  fields[#fields + 1] = {'seq', seq, 'i'}
-  redis.call('XADD', outbox, '*', 'id', id, 'type', etype, 'customer', customer,
-    'time', fmt(now), 'data', json(fields))
-  return id
-end
-
 local now, seen, grace = int(ARGV[1]), int(ARGV[4]), int(ARGV[6])
 if not now or not seen or not grace then return bad('arguments', 'not integers') end
 local closing, outbox, cust_key, akey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -22,37 +22,6 @@
 
 local US = '\31'
 
--- RFC 3339 (UTC, whole seconds) of an epoch-ms instant: days to civil date (H. Hinnant).
-local function iso_utc(ms)
-  local s = math.floor(ms / 1000)
-  local days = math.floor(s / 86400)
-  local rem = s - days * 86400
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
-  local m = mp + 3
-  if mp >= 10 then m = mp - 9 end
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02dZ', y, m, d,
-    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
-end
-
--- `emit` with a caller-chosen, stable event id (deterministic ids make redelivery idempotent).
-local function emit_as(outbox, cust_key, customer, now, etype, id, fields)
-  local seq = redis.call('HINCRBY', cust_key, 'seq', 1)
-  table.insert(fields, 1, {'customer', customer, 's'})
-  fields[#fields + 1] = {'seq', seq, 'i'}
-  redis.call('XADD', outbox, '*', 'id', id, 'type', etype, 'customer', customer,
-    'time', fmt(now), 'data', json(fields))
-  return id
-end
-
 local now, ws, we = int(ARGV[1]), int(ARGV[2]), int(ARGV[3])
 local cws, cwe, keep = int(ARGV[4]), int(ARGV[5]), int(ARGV[6])
 local mode, k = ARGV[7], int(ARGV[8])

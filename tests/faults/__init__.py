@@ -1,0 +1,1 @@
+"""Fault injection: Redis killed, paused, restarted empty, full, misconfigured, failed over."""
