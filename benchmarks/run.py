@@ -1,0 +1,519 @@
+"""Run every metergate benchmark in one interleaved run; write results/latest.json and latest.md.
+
+    python benchmarks/run.py            # the full run (under 10 minutes on 2 cores)
+    python benchmarks/run.py --quick    # a ~2 minute smoke run
+
+Each server under test runs in its own process; a private redis-server serves the run. In every
+round, each variant is measured right after (or before) its baseline, in rotated order, and every
+ratio is taken within one round, so slow drifts of a noisy machine cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import harness
+import inproc
+import report
+import scenario
+import storage_bench
+from harness import HERE, RedisServer, Server, free_port
+
+from metergate.core.keys import Keys
+
+PY = sys.executable
+SECTIONS = ("asgi", "wsgi", "proxy", "overhead", "redis", "embedded", "memory")
+LOOPS = ("uvloop", "asyncio")
+# proxies.py also has HttpxTransportProxy (httpx without the Client layer); it measured like
+# httpcore, the engine under it, and is left out to keep the full run under 10 minutes.
+PROXY_CLIENTS = {
+    "proxy-metergate": ("proxy_metergate", "metergate.create_app (httpx.AsyncClient, as shipped)"),
+    "proxy-httpx-client": ("proxy_httpx_client", "httpx.AsyncClient tuned"),
+    "proxy-httpcore": ("proxy_httpcore", "httpcore AsyncConnectionPool"),
+    "proxy-aiohttp": ("proxy_aiohttp", "aiohttp ClientSession"),
+    "proxy-lean": ("proxy_lean", "lean pooled HTTP/1.1 client (benchmarks/leanhttp.py)"),
+}
+
+
+def uvicorn(factory: str, loop: str, port: int) -> list[str]:
+    """The uvicorn command line of one server: one process, no access log."""
+    return [
+        *(PY, "-m", "uvicorn", "--factory", f"apps:{factory}", "--host", "127.0.0.1"),
+        *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+        *("--loop", loop, "--http", "httptools"),
+    ]
+
+
+def wsgi_server(kind: str, factory: str, port: int) -> list[str]:
+    """The gunicorn (1 gthread worker) or waitress command line, 8 threads each."""
+    if kind == "gunicorn":
+        return [
+            *(PY, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "8"),
+            *("-b", f"127.0.0.1:{port}", "--log-level", "warning", f"apps:{factory}()"),
+        ]
+    return [
+        PY,
+        "-m",
+        "waitress",
+        f"--listen=127.0.0.1:{port}",
+        "--threads=8",
+        "--call",
+        f"apps:{factory}",
+    ]
+
+
+def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Server], dict]:
+    """Return the servers to start and the groups: a baseline and its variants each."""
+    servers: dict[str, Server] = {}
+    groups: dict[str, Any] = {}
+
+    def add(name: str, argv_of: Any, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        servers[name] = Server(
+            name, argv_of(port), port, {"MG_BENCH_REDIS": redis_url, **(env or {})}, logs / name
+        )
+
+    if "asgi" in sections or "proxy" in sections:
+        for loop in LOOPS if "asgi" in sections else ("uvloop",):
+            for app in ("bare", "metered", "slowapi"):
+                if app != "bare" and "asgi" not in sections:
+                    continue
+                add(
+                    f"starlette-{app}@{loop}",
+                    lambda p, a=app, lp=loop: uvicorn(f"starlette_{a}", lp, p),
+                )
+        if "asgi" in sections:
+            for loop in LOOPS:
+                groups[f"asgi-{loop}"] = {
+                    "baseline": f"starlette-bare@{loop}",
+                    "variants": [f"starlette-metered@{loop}", f"starlette-slowapi@{loop}"],
+                    "labels": {
+                        f"starlette-bare@{loop}": "bare Starlette",
+                        f"starlette-metered@{loop}": "MeteringMiddleware",
+                        f"starlette-slowapi@{loop}": "slowapi + limits (Redis)",
+                    },
+                }
+    if "wsgi" in sections:
+        for kind in ("gunicorn", "waitress"):
+            for app in ("bare", "metered"):
+                add(f"flask-{app}@{kind}", lambda p, k=kind, a=app: wsgi_server(k, f"flask_{a}", p))
+            groups[f"wsgi-{kind}"] = {
+                "baseline": f"flask-bare@{kind}",
+                "variants": [f"flask-metered@{kind}"],
+                "labels": {
+                    f"flask-bare@{kind}": "bare Flask",
+                    f"flask-metered@{kind}": "WSGIMeteringMiddleware",
+                },
+            }
+    if "proxy" in sections:
+        upstream = "starlette-bare@uvloop"
+        env = {"MG_BENCH_UPSTREAM": f"http://127.0.0.1:{servers[upstream].port}"}
+        for name, (factory, _) in PROXY_CLIENTS.items():
+            add(name, lambda p, f=factory: uvicorn(f, "uvloop", p), env)
+        groups["proxy"] = {
+            "baseline": upstream,
+            "variants": list(PROXY_CLIENTS),
+            "labels": {
+                upstream: "upstream directly",
+                **{k: v[1] for k, v in PROXY_CLIENTS.items()},
+            },
+            "upstream": upstream,
+        }
+    return servers, groups
+
+
+class Probe:
+    """CPU of the servers involved, Redis, wrk and everything else on the machine, around a load."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / harness.CLOCK_TICKS
+
+    def _ours(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def __enter__(self) -> Probe:
+        self.t0 = time.perf_counter()
+        self.cpu0 = {k: harness.cpu_seconds(p) for k, p in self.pids.items()}
+        self.busy0, self.ours0 = self._busy(), self._ours()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = {k: harness.cpu_seconds(p) - self.cpu0[k] for k, p in self.pids.items()}
+        ours = self._ours() - self.ours0 + sum(self.cpu.values())
+        self.foreign_cores = max(0.0, (self._busy() - self.busy0 - ours) / self.wall)
+
+
+def settle(pids: list[int], timeout_s: float = 10.0) -> float:
+    """Wait until the processes are idle (at most one 10 ms tick of CPU in 200 ms); return seconds.
+
+    A server that fell behind keeps working on the requests of connections wrk closed at the end
+    of a run; the next measurement must not queue behind that backlog.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        before = sum(harness.cpu_seconds(p) for p in pids)
+        time.sleep(0.2)
+        if sum(harness.cpu_seconds(p) for p in pids) - before <= 1.0 / harness.CLOCK_TICKS:
+            break
+    return time.monotonic() - start
+
+
+def measure(
+    args: argparse.Namespace,
+    servers: dict[str, Server],
+    redis: RedisServer,
+    group: dict[str, Any],
+    name: str,
+    reseed_config: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Throughput at 64 connections, then latency at 1 connection, of one server."""
+    client = redis.client()
+    storage_bench.reseed(client, reseed_config)
+    server = servers[name]
+    pids = {"server": server.proc.pid, "redis": redis.pid}  # type: ignore[union-attr]
+    if "upstream" in group and name != group["upstream"]:
+        pids["upstream"] = servers[group["upstream"]].proc.pid  # type: ignore[union-attr]
+    out = []
+    for connections, seconds in ((64, args.duration), (1, args.latency_duration)):
+        drained = settle(list(pids.values()))
+        with Probe(pids) as probe:
+            result = harness.wrk(
+                server.url + scenario.PATH,
+                connections=connections,
+                duration_s=seconds,
+                headers=[scenario.AUTH_HEADER],
+            )
+        n = max(1, result["requests"])
+        result.update(
+            connections=connections,
+            server_cpu_us=probe.cpu["server"] / n * 1e6,
+            redis_cpu_us=probe.cpu["redis"] / n * 1e6,
+            upstream_cpu_us=probe.cpu.get("upstream", 0.0) / n * 1e6,
+            foreign_cores=probe.foreign_cores,
+            drained_s=round(drained, 2),
+        )
+        out.append(result)
+    # Metering really happened: the balance was charged once per answered request.
+    balance_key, _ = Keys().balance(scenario.CUSTOMER, "credits")
+    balance = client.hget(balance_key, "amt")
+    client.close()
+    charged = scenario.CREDITS - int(balance) if balance else 0
+    for result in out:
+        result["charged_in_pair"] = charged
+        result["requests_in_pair"] = sum(r["requests"] for r in out)
+    return out
+
+
+def sanity(servers: dict[str, Server]) -> dict[str, Any]:
+    """One request to each server: it must answer 200, and metered ones must carry our fields."""
+    import http.client
+
+    out = {}
+    for name, server in servers.items():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", scenario.PATH, headers={"Authorization": f"Bearer {scenario.API_KEY}"})
+        response = conn.getresponse()
+        body = response.read()
+        fields = {k.lower() for k, _ in response.getheaders()}
+        conn.close()
+        metered = "metered" in name or name.startswith("proxy-")
+        ok = response.status == 200 and body.startswith(b'{"hello"')
+        ok = ok and (not metered or "metergate-balance" in fields)
+        out[name] = {"status": response.status, "ok": ok, "metered": "metergate-balance" in fields}
+        if not ok:
+            raise SystemExit(
+                f"{name}: GET {scenario.PATH} answered {response.status}: {body[:300]!r}"
+            )
+    return out
+
+
+def wait_quiet(seconds: float) -> None:
+    """Wait (up to `seconds`) for the 1-minute load average to drop below 1."""
+    deadline = time.monotonic() + seconds
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        print(f"  waiting for a quieter machine (load {os.getloadavg()[0]:.2f})", flush=True)
+        time.sleep(15)
+
+
+def http_sections(args: argparse.Namespace, redis: RedisServer, logs: Path) -> tuple:
+    """Start the servers, run the interleaved rounds, stop the servers."""
+    servers, groups = plan(args.sections, redis.url, logs)
+    if not servers:
+        return [], {}, {}
+    started = []
+    try:
+        for server in servers.values():
+            server.start()
+            started.append(server)
+        for server in servers.values():
+            server.wait_ready()
+        checks = sanity(servers)
+        for server in servers.values():  # warm up: connections, caches, the script cache
+            harness.wrk(server.url + scenario.PATH, connections=16, duration_s=args.warmup,
+                        headers=[scenario.AUTH_HEADER])  # fmt: skip
+        measurements: list[dict[str, Any]] = []
+        config = scenario.gateway_config(redis.url)
+        names = list(groups)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for group_name in names[r % len(names) :] + names[: r % len(names)]:
+                group = groups[group_name]
+                order = [group["baseline"], *group["variants"]]
+                order = order[r % len(order) :] + order[: r % len(order)]
+                for name in order:
+                    for result in measure(args, servers, redis, group, name, config):
+                        result.update(round=r, group=group_name, server=name)
+                        measurements.append(result)
+                        print(
+                            f"  {group_name:14} {name:28} c={result['connections']:<3}"
+                            f" {result['rps']:9,.0f} req/s  p50 {result['p50_us']:>7,} us"
+                            f"  p99 {result['p99_us']:>8,} us  err {result['errors']}"
+                            f"  other load {result['foreign_cores']:.2f}",
+                            flush=True,
+                        )
+        return measurements, groups, checks
+    finally:
+        for server in started:
+            server.stop()
+
+
+def targets(results: dict[str, Any], measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check the issue's targets against the medians."""
+    http, out = results["http"], []
+
+    def add(name: str, wanted: str, value: float | None, passes: Any, shown: str = "") -> None:
+        met = None if value is None and not isinstance(passes, bool) else bool(passes)
+        shown = shown or report._fmt(value)
+        out.append({"name": name, "wanted": wanted, "value": value, "met": met, "measured": shown})
+
+    if "asgi-uvloop" in http:
+        row = http["asgi-uvloop"]["variants"]["starlette-metered@uvloop"]
+        ratio, p50 = row["ratio"], row["added_p50_us"]
+        name = "MeteringMiddleware throughput vs bare (uvicorn, uvloop)"
+        add(name, ">= 0.85", ratio, ratio is not None and ratio >= 0.85)
+        name = "MeteringMiddleware added p50 at 1 connection"
+        add(name, "<= 150 us", p50, p50 is not None and p50 <= 150, report._us(p50))
+        quotient = report.paired_quotient(
+            measurements,
+            "asgi-uvloop",
+            "starlette-metered@uvloop",
+            "starlette-slowapi@uvloop",
+            "starlette-bare@uvloop",
+        )
+        name = "MeteringMiddleware ratio / slowapi ratio"
+        ok = quotient is not None and quotient >= 4
+        add(name, ">= 4x", quotient, ok, report._fmt(quotient, unit="x"))
+    for kind in ("gunicorn", "waitress"):
+        if f"wsgi-{kind}" in http:
+            ratio = http[f"wsgi-{kind}"]["variants"][f"flask-metered@{kind}"]["ratio"]
+            name = f"WSGIMeteringMiddleware throughput vs bare ({kind})"
+            add(name, ">= 0.8", ratio, ratio is not None and ratio >= 0.8)
+    if "proxy" in http:
+        ratio = http["proxy"]["variants"]["proxy-metergate"]["ratio"]
+        name = "reverse proxy (as shipped) throughput vs direct"
+        add(name, ">= 0.5", ratio, ratio is not None and ratio >= 0.5)
+        best = max(results["proxy_ranking"], key=lambda r: r["ratio"] or 0)
+        name = f"reverse proxy with the fastest client ({best['label']})"
+        add(name, ">= 0.5", best["ratio"], best["ratio"] is not None and best["ratio"] >= 0.5)
+    if "grid" in results.get("redis_cpu", {}):
+        grid = {(g["assets"], g["tiers"]): g for g in results["redis_cpu"]["grid"]}
+        single = [grid[k]["usec_per_call"] for k in grid if k[0] == 1]
+        worst = max(single) if single else None
+        name = "Redis time per single-asset admission (EVALSHA usec_per_call, worst tier count)"
+        ok = worst is not None and worst <= 15
+        add(name, "<= 15 us", worst, ok, report._fmt(worst, 1, " us"))
+        growth = results["redis_cpu"].get("growth")
+        if growth:
+            name = "cost growth with assets and tiers"
+            add(name, "at most linear", None, growth["linear"], growth["short"])
+    return out
+
+
+def growth(grid: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Is the cost at most linear? Growing assets (or tiers) k-fold must not cost more than k-fold.
+
+    A fixed part per script call makes the growth sublinear at small sizes, so proportionality is
+    the bound: cost(10 assets) <= 10 x cost(1 asset), cost(8 tiers) <= 4 x cost(2 tiers), with 10%
+    for noise. The marginal costs per extra asset and per extra tier are reported as well.
+    """
+    cost = {(g["assets"], g["tiers"]): g["usec_per_call"] for g in grid}
+    assets = sorted({a for a, _ in cost})
+    tiers = sorted({t for _, t in cost})
+    if len(assets) < 2 or len(tiers) < 2:
+        return None
+    lo_a, hi_a, lo_t, hi_t = assets[0], assets[-1], tiers[0], tiers[-1]
+    checks = []
+    for t in tiers:
+        checks.append(
+            (f"{lo_a}->{hi_a} assets at {t} tiers", cost[(hi_a, t)] / cost[(lo_a, t)], hi_a / lo_a)
+        )
+    for a in assets:
+        checks.append(
+            (f"{lo_t}->{hi_t} tiers at {a} assets", cost[(a, hi_t)] / cost[(a, lo_t)], hi_t / lo_t)
+        )
+    linear = all(grew <= bound * 1.1 for _, grew, bound in checks)
+    per_asset = (cost[(hi_a, lo_t)] - cost[(lo_a, lo_t)]) / (hi_a - lo_a)
+    per_tier = (cost[(hi_a, hi_t)] - cost[(hi_a, lo_t)]) / (hi_t - lo_t) / hi_a
+    parts = [f"{name}: x{grew:.1f} (proportional: x{bound:g})" for name, grew, bound in checks]
+    summary = (
+        "; ".join(parts)
+        + f". About {per_asset:.0f} us per extra asset (at {lo_t} tiers) and {per_tier:.1f} us per"
+        " extra tier per asset: each asset sends and parses its whole tier table."
+    )
+    by_assets, by_tiers = checks[0], checks[len(tiers)]
+    short = (
+        f"{'at most linear' if linear else 'faster than linear'}: x{by_assets[1]:.1f} for"
+        f" x{by_assets[2]:g} assets, x{by_tiers[1]:.1f} for x{by_tiers[2]:g} tiers"
+    )
+    return {"linear": linear, "checks": checks, "summary": summary, "short": short}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (full 3, quick 1)")
+    parser.add_argument("--duration", type=int, help="seconds of each 64-connection run")
+    parser.add_argument("--latency-duration", type=int, help="seconds of each 1-connection run")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    parser.add_argument("--customers", type=int, help="customers for the memory section")
+    parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to N s for load < 1")
+    parser.add_argument("--no-publish", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args()
+    q = args.quick
+    args.rounds = args.rounds or (1 if q else 3)
+    args.duration = args.duration or (2 if q else 3)
+    args.latency_duration = args.latency_duration or (1 if q else 2)
+    args.customers = args.customers or (10_000 if q else 100_000)
+    args.warmup = 1
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = args.sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+
+    import apps  # applies (and records) the shims the apps also apply in their processes
+
+    if args.wait_quiet:
+        wait_quiet(args.wait_quiet)
+    out_dir = HERE / "results"
+    logs = out_dir / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": q,
+        "machine": harness.machine(),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "latency_duration_s": args.latency_duration,
+        "shims": list(apps.SHIMS),
+        "sections": sorted(args.sections),
+    }
+    with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:
+        redis = RedisServer(Path(tmp))
+        redis.start()
+        try:
+            measurements, groups, checks = http_sections(args, redis, logs)
+            results["sanity"] = checks
+            results["http"] = report.summarize(measurements, groups) if groups else {}
+            results["measurements"] = measurements
+
+            def q_or(quick: Any, full: Any) -> Any:
+                return quick if q else full
+
+            if "overhead" in args.sections:
+                print("overhead: CPU per request in-process, and candidate fixes", flush=True)
+                kwargs = {"requests": q_or(1280, 2560), "rounds": q_or(1, 3)}
+                section(results, "overhead", inproc.measure, redis.url, redis.pid, **kwargs)
+            if "redis" in args.sections:
+                print("redis: time per admission", flush=True)
+                kwargs = {"rounds": q_or(1, 3), "count": q_or(500, 1500)}
+                kwargs |= {"assets": (1, 3, 10), "tiers": (2, 4, 8)}
+                section(
+                    results, "redis_cpu", storage_bench.redis_cpu, redis.url, redis.pid, **kwargs
+                )
+                if "grid" in results["redis_cpu"]:
+                    results["redis_cpu"]["growth"] = growth(results["redis_cpu"]["grid"])
+            if "embedded" in args.sections:
+                print("embedded backend", flush=True)
+                kwargs = {"rounds": q_or(1, 3), "seconds": q_or(1.0, 2.0)}
+                section(results, "embedded", storage_bench.embedded, **kwargs)
+            if "memory" in args.sections:
+                print(f"memory: {args.customers:,} customers", flush=True)
+                section(
+                    results, "memory", storage_bench.memory, redis.url, customers=args.customers
+                )
+        finally:
+            redis.stop()
+    finish(results, args, started, out_dir)
+
+
+def section(results: dict[str, Any], key: str, measure: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one measurement; a failure is recorded in the results instead of ending the run."""
+    try:
+        results[key] = measure(*args, **kwargs)
+    except Exception as exc:  # report what ran; say what did not
+        results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"  {key} failed: {results[key]['error']}", flush=True)
+
+
+def finish(
+    results: dict[str, Any], args: argparse.Namespace, started: float, out_dir: Path
+) -> None:
+    """Derive the comparisons and targets, write JSON and markdown, print the markdown."""
+    http = results["http"]
+    if "proxy" in http:
+        rows = http["proxy"]["variants"]
+        results["proxy_ranking"] = sorted(
+            ({"server": k, **v} for k, v in rows.items() if k != http["proxy"]["baseline"]),
+            key=lambda r: -(r["ratio"] or 0),
+        )
+    if "asgi-uvloop" in http and "asgi-asyncio" in http:
+        results["loops"] = {}
+        for app in ("bare", "metered", "slowapi"):
+            uv = http["asgi-uvloop"]["variants"][f"starlette-{app}@uvloop"]["rps_64"]
+            aio = http["asgi-asyncio"]["variants"][f"starlette-{app}@asyncio"]["rps_64"]
+            results["loops"][app] = {
+                "uvloop": uv,
+                "asyncio": aio,
+                "speedup": uv / aio if aio else None,
+            }
+    foreign = [m["foreign_cores"] for m in results["measurements"]]
+    results["foreign_cores_median"] = statistics.median(foreign) if foreign else None
+    results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["seconds"] = time.monotonic() - started
+    results["targets"] = targets(results, results["measurements"])
+    text = report.markdown(results)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out_dir / "latest.md").write_text(text)
+    if not results["quick"] and not args.no_publish and set(SECTIONS) <= args.sections:
+        (HERE / "RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
