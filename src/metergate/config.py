@@ -334,6 +334,20 @@ class WebhookConfig(_Model):
     events: list[str] = ["*"]
 
 
+class StripeConfig(_Model):
+    """Send `usage.reported` to Stripe as billing meter events."""
+
+    api_key: str = Field(min_length=1)
+    """A secret or restricted key (`sk_...`, `rk_...`); write `${STRIPE_API_KEY}`."""
+    meters: dict[str, str]
+    """metric -> the Stripe meter's `event_name`."""
+    customers: dict[str, str] = {}
+    """metergate customer -> Stripe customer id (`cus_...`)."""
+    value: Literal["quantity", "overage_quantity", "credits_charged"] = "quantity"
+    """Which figure of `usage.reported` becomes `payload[value]`."""
+    base_url: str = Field(default="https://api.stripe.com", pattern=r"^https?://")
+
+
 class AdminConfig(_Model):
     """The admin API."""
 
@@ -354,6 +368,7 @@ class GatewayConfig(_Model):
     webhooks: list[WebhookConfig] = []
     usage_report_interval: DurationMs = 60_000
     admin: AdminConfig = AdminConfig()
+    stripe: StripeConfig | None = None
 
 
 def hash_api_key(key: str) -> str:
@@ -577,7 +592,26 @@ def _check_routes(cfg: GatewayConfig) -> list[tuple[str, str]]:
 
 def _cross_check(cfg: GatewayConfig) -> list[tuple[str, str]]:
     """Check what no single field can: references between sections and rules across fields."""
-    return _check_tiers(cfg) + _check_customers(cfg) + _check_routes(cfg)
+    return _check_tiers(cfg) + _check_customers(cfg) + _check_routes(cfg) + _check_stripe(cfg)
+
+
+def _check_stripe(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    if cfg.usage_report_interval % 1000:
+        errors.append(("usage_report_interval", "must be a whole number of seconds"))
+    if cfg.stripe is None:
+        return errors
+    for metric in cfg.stripe.meters:
+        spec = cfg.metrics.get(metric)
+        if spec is None:
+            errors.append(
+                (f"stripe.meters.{metric}", f"metric '{metric}' is not defined in metrics")
+            )
+        elif spec.type not in ("CumulativeCounter", "TotalCounter"):
+            errors.append(
+                (f"stripe.meters.{metric}", f"usage is reported for counters only, not {spec.type}")
+            )
+    return errors
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

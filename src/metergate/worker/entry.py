@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import httpx
 
@@ -26,9 +25,7 @@ request waits on them, so the hot path's tight `storage.timeout_ms` would only c
 
 def stripe_destinations(config: GatewayConfig) -> list[Destination]:
     """Return the Stripe adapter when the config has a `stripe` section, else nothing."""
-    # `stripe` is the proposed GatewayConfig field (StripeConfig: api_key, meters, customers,
-    # value, base_url); until it exists this returns nothing.
-    stripe: Any = getattr(config, "stripe", None)
+    stripe = config.stripe
     if stripe is None:
         return []
     return [
