@@ -378,8 +378,11 @@ def test_duration_errors_have_clean_paths(field: str, value: Any, expected: str)
 )
 def test_durations_are_read_as_milliseconds(written: Any, ms: int) -> None:
     """A duration is an integer of seconds or `<int><ms|s|m|h|d>`, held in milliseconds."""
-    config = parse_config({**MINIMAL, "usage_report_interval": written}, env={})
-    assert config.usage_report_interval == ms
+    config = parse_config(
+        {**MINIMAL, "proxy": {"timeout_s": 30}, "routes": [{"path": "/", "reserve_ttl": written}]},
+        env={},
+    )
+    assert config.routes[0].reserve_ttl == ms
 
 
 def test_route_templates_accept_named_and_path_parameters() -> None:
