@@ -365,8 +365,11 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
             lambda: live.update(_table(walk, events)),
         )
         await walk.run()
-        for _ in range(30):  # let the worker deliver what the walk caused
+        # let the worker deliver what the walk caused, up to the first usage report
+        for _ in range(150):
             live.update(_table(walk, events))
+            if any(e.get("type") == "usage.reported" for e in events):
+                break
             await asyncio.sleep(0.1)
     await walk.aclose()
     console.print(

@@ -1,0 +1,159 @@
+"""`metergate serve` and `metergate demo` as real processes, the way users start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.adapters.harness import serve_asgi
+from tests.gateway.test_proxy import KEY, UPSTREAM, gateway_config
+
+from conftest import free_port
+
+TOKEN = "serve-admin-token-0123"
+
+
+@pytest.fixture
+def served(tmp_path: Path, storage_url: str) -> Iterator[tuple[str, str]]:
+    """`metergate serve` in a subprocess in front of a real upstream; yields proxy and admin URLs."""
+    with serve_asgi(UPSTREAM) as upstream:
+        config = gateway_config(upstream)
+        config["storage"] = {"url": storage_url, "timeout_ms": 2000}
+        config["admin"] = {"token": "${SERVE_TOKEN}"}
+        path = tmp_path / "gateway.json"
+        path.write_text(json.dumps(config))
+        port, admin_port = free_port(), free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "metergate",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(port),
+                "--admin-port",
+                str(admin_port),
+            ],
+            env={**os.environ, "SERVE_TOKEN": TOKEN},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", admin_port), timeout=0.2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out = proc.stdout.read().decode() if proc.stdout else ""
+                    raise RuntimeError(f"metergate serve did not start:\n{out}") from None
+                time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def raw_request(url: str, data: bytes) -> bytes:
+    """Send raw bytes to a server and return everything it answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_serve_meters_through_the_proxy_and_answers_the_admin_api(served: tuple[str, str]) -> None:
+    """A request through `metergate serve` is metered; the admin API on its port sees the usage."""
+    proxy, admin = served
+    r = httpx.get(f"{proxy}/v1/things", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    assert r.headers["ratelimit"].startswith('"calls";r=99;t=')
+    usage = httpx.get(f"{admin}/v1/customers/c/usage", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert usage.json()["metrics"]["calls"]["value"] == 1
+    assert httpx.get(f"{admin}/healthz").status_code == 200
+
+
+def test_serve_refuses_a_smuggling_prone_request(served: tuple[str, str]) -> None:
+    """Content-Length together with Transfer-Encoding never reaches the upstream."""
+    proxy, _ = served
+    answer = raw_request(
+        proxy,
+        b"POST /v1/things HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"/v1/smuggled" not in answer
+
+
+def test_serve_replaces_a_forged_forwarded_for(served: tuple[str, str]) -> None:
+    """An X-Forwarded-For from an untrusted peer is replaced by the peer's address."""
+    proxy, _ = served
+    r = httpx.get(
+        f"{proxy}/v1/things",
+        headers={"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "198.51.100.7"},
+    )
+    seen = dict(r.json()["headers"])
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_check_and_serve_report_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    """`metergate serve` with a broken config prints the path of the error, no traceback."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("metrics: {calls: {type: Counter}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "metergate", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "metrics.calls.type" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_runs_to_completion_with_webhooks() -> None:
+    """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "metergate", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for expected in (
+        "rate-limited",
+        "quota-exceeded",
+        "asset-suspended",
+        "insufficient-credits",
+        "usage.reported",
+        "signed webhooks delivered",
+        "curl",
+    ):
+        assert expected in proc.stdout, expected
+    assert "Traceback" not in proc.stderr
