@@ -96,6 +96,8 @@ async def _parse(request: Request, model: type[_Body]) -> Any:
         data = json.loads(raw or b"{}")
     except json.JSONDecodeError as exc:
         return _invalid([{"field": "body", "message": f"not JSON: {exc.msg}"}])
+    except UnicodeDecodeError:
+        return _invalid([{"field": "body", "message": "not UTF-8 JSON"}])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
