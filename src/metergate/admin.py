@@ -340,13 +340,24 @@ class AdminAPI:
         return _json({"redelivered": event["id"]}, 202)
 
     async def healthz(self, request: Request) -> Response:
+        from metergate.worker.loop import alive_workers
+
+        workers: list[str] = []
         try:
             await self.meter.storage.run(Command(("PING",)))
             storage = "ok"
+            now_ms = int(self.meter.core.clock() * 1000)
+            workers = await alive_workers(self.meter.storage, self.meter.core.keys, now_ms)
         except StorageUnavailable:
             storage = "unreachable"
         status = 200 if storage == "ok" else 503
-        return _json({"status": "ok" if status == 200 else "degraded", "storage": storage}, status)
+        body = {
+            "status": "ok" if status == 200 else "degraded",
+            "storage": storage,
+            # a worker counts as alive when it finished a pass in the last 30 s
+            "workers_alive": len(workers),
+        }
+        return _json(body, status)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
