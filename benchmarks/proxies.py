@@ -48,6 +48,8 @@ class _CandidateProxy(ProxyApp):
 
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__(config)
+        # the shipped proxy keeps only its origin (it speaks aiohttp); the candidates want a URL
+        self.upstream = httpx.URL(config.proxy.upstream)
         self.host = self.upstream.host
         self.port = self.upstream.port or 80
         self.origin = f"{self.upstream.scheme}://{self.host}:{self.port}"
@@ -118,7 +120,9 @@ class _CandidateProxy(ProxyApp):
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def close(self) -> None:
-        await self.client.aclose()
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
