@@ -17,6 +17,7 @@ from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import AsyncMeter, ConfigSource, as_config
+from metergate.observability import STORAGE_ERRORS, observe
 
 __all__ = ["MeteringMiddleware"]
 
@@ -125,13 +126,16 @@ class MeteringMiddleware:
         if isinstance(planned, Answer):
             await _send_answer(send, planned)
             return
+        started = time.perf_counter()
         try:
             # asyncio.timeout, unlike wait_for, does not wrap the call in a new Task
             async with asyncio.timeout(self.timeout_s):
                 decision = await self._admit(planned)
         except (StorageUnavailable, TimeoutError):
+            STORAGE_ERRORS.inc()
             await self._storage_failed(scope, receive, send, planned, None)
             return
+        observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             await _send_answer(send, self.gate.refusal(decision, self.clock()))
             return

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ADMISSIONS", "DECISION_SECONDS", "REGISTRY", "STORAGE_ERRORS", "WEBHOOK_BACKLOG"]
+from metergate.core.model import Decision
+
+__all__ = [
+    "ADMISSIONS",
+    "DECISION_SECONDS",
+    "REGISTRY",
+    "STORAGE_ERRORS",
+    "WEBHOOK_BACKLOG",
+    "observe",
+]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -30,3 +39,9 @@ WEBHOOK_BACKLOG = Gauge(
     "Outbox events not yet delivered to every endpoint.",
     registry=REGISTRY,
 )
+
+
+def observe(decision: Decision, seconds: float) -> None:
+    """Count one decided admission by outcome and record how long deciding it took."""
+    ADMISSIONS.labels("allowed" if decision.allowed else decision.problem or "refused").inc()
+    DECISION_SECONDS.observe(seconds)

@@ -17,6 +17,7 @@ from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import ConfigSource, Meter, as_config
+from metergate.observability import STORAGE_ERRORS, observe
 
 __all__ = ["WSGIMeteringMiddleware"]
 
@@ -149,10 +150,13 @@ class WSGIMeteringMiddleware:
         planned = self.gate.admission(customer, route, headers, environ)
         if isinstance(planned, Answer):
             return _answer(start_response, planned)
+        started = time.perf_counter()
         try:
             decision = self._admit(planned)
         except StorageUnavailable:
+            STORAGE_ERRORS.inc()
             return self._storage_failed(environ, start_response, planned, None)
+        observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             return _answer(start_response, self.gate.refusal(decision, self.clock()))
         if self._deferred:

@@ -173,8 +173,10 @@ def test_openapi_lists_every_endpoint(admin: tuple[httpx.Client, str]) -> None:
 
 
 def test_metrics_are_prometheus_text(admin: tuple[httpx.Client, str]) -> None:
-    """/metrics answers Prometheus text with metergate's series."""
-    client, _ = admin
+    """/metrics answers Prometheus text counting admissions by outcome, with decision latency."""
+    client, proxy = admin
+    assert httpx.get(f"{proxy}/v1/x", headers={"Authorization": "Bearer gw-key"}).status_code == 200
     r = client.get("/metrics")
     assert r.status_code == 200
-    assert "metergate_admissions" in r.text
+    assert 'metergate_admissions_total{outcome="allowed"}' in r.text
+    assert "metergate_decision_seconds_bucket" in r.text
