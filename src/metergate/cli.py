@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from metergate.config import ConfigError, GatewayConfig, load_config
+from metergate.core.errors import NotFound, StorageUnavailable
 
 __all__ = ["main"]
 
@@ -142,3 +143,39 @@ def demo(keep_running: bool) -> None:
         raise SystemExit(asyncio.run(run_demo(keep_running=keep_running)))
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+@click.option("--limit", default=20, show_default=True, help="How many events to list.")
+def events(config_path: Path, limit: int) -> None:
+    """List the newest outbox events and dead letters, one line each."""
+    from metergate.core import directory
+    from metergate.meter import Meter
+
+    with Meter(_load_or_exit(config_path)) as meter:
+        try:
+            rows = meter._drive(directory.events(meter.core, limit))
+        except StorageUnavailable as exc:
+            click.echo(f"metergate: storage is unavailable: {exc}", err=True)
+            raise SystemExit(1) from None
+    for row in rows:
+        where = f" -> {row['destination']}: {row['reason']}" if row["status"] == "dead" else ""
+        click.echo(f"{row['status']:6} {row['id']}  {row['type']}{where}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+@click.argument("event_id")
+def redeliver(config_path: Path, event_id: str) -> None:
+    """Queue an event for delivery again (a dead letter only to the endpoint that gave up)."""
+    from metergate.core import directory
+    from metergate.meter import Meter
+
+    with Meter(_load_or_exit(config_path)) as meter:
+        try:
+            meter._drive(directory.redeliver(meter.core, event_id))
+        except (NotFound, StorageUnavailable) as exc:
+            click.echo(f"metergate: {exc}", err=True)
+            raise SystemExit(1) from None
+    click.echo(f"metergate: {event_id} queued for delivery")

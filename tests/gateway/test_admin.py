@@ -11,7 +11,7 @@ from tests.adapters.harness import serve_asgi
 from tests.gateway.test_proxy import UPSTREAM, gateway_config
 
 from conftest import Clock, with_storage
-from metergate import create_app
+from metergate import Meter, create_app
 from metergate.admin import admin_app
 
 TOKEN = "admin-token-0123456789"
@@ -180,3 +180,38 @@ def test_metrics_are_prometheus_text(admin: tuple[httpx.Client, str]) -> None:
     assert r.status_code == 200
     assert 'metergate_admissions_total{outcome="allowed"}' in r.text
     assert "metergate_decision_seconds_bucket" in r.text
+
+
+def test_dead_letters_are_listed_and_redelivered_to_their_destination(
+    admin: tuple[httpx.Client, str], storage_url: str
+) -> None:
+    """A dead letter shows in /v1/events as dead; redelivering it re-queues it for that endpoint only."""
+    client, _ = admin
+    client.post("/v1/customers/c/balances/credits/topup", json={"amount": 3})
+    queued = client.get("/v1/events").json()["events"][0]
+    meter = Meter(with_storage(gateway_config("http://127.0.0.1:9"), storage_url))
+    keys = meter.core.keys
+    partition = keys.partition("c")
+    redis_client = meter.storage.client
+    ((stream_id, fields),) = redis_client.xrange(keys.outbox(partition), "-", "+")
+    redis_client.xadd(
+        keys.dead_letters(partition),
+        {
+            **fields,
+            "destination": "wh_abc",
+            "reason": "HTTP 500",
+            "source": stream_id,
+            "dead_at": "1",
+        },
+    )
+    listed = client.get("/v1/events").json()["events"]
+    dead = [e for e in listed if e["status"] == "dead"]
+    assert [(e["id"], e["destination"], e["reason"]) for e in dead] == [
+        (queued["id"], "wh_abc", "HTTP 500")
+    ]
+    assert client.post(f"/v1/events/{queued['id']}/redeliver").status_code == 202
+    entries = redis_client.xrange(keys.outbox(partition), "-", "+")
+    assert len(entries) == 2
+    assert entries[-1][1]["only"] == "wh_abc"
+    assert entries[-1][1]["id"] == queued["id"]
+    meter.close()

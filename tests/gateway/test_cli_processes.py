@@ -157,3 +157,26 @@ def test_demo_runs_to_completion_with_webhooks() -> None:
     ):
         assert expected in proc.stdout, expected
     assert "Traceback" not in proc.stderr
+
+
+def test_events_and_redeliver_commands(tmp_path: Path) -> None:
+    """`metergate events` lists the outbox; `metergate redeliver` re-queues an event by id."""
+    from click.testing import CliRunner
+
+    from metergate import Meter
+    from metergate.cli import main
+
+    config = gateway_config("http://127.0.0.1:9")
+    config["storage"] = {"url": f"memory://cli-{tmp_path.name}"}
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps(config))
+    with Meter(str(path)) as meter:
+        meter.topup("c", "credits", 5)
+    runner = CliRunner()
+    listed = runner.invoke(main, ["events", "--config", str(path)])
+    assert listed.exit_code == 0
+    assert "queued evt_c_1  balance.topped_up" in listed.output
+    again = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_1"])
+    assert (again.exit_code, again.output) == (0, "metergate: evt_c_1 queued for delivery\n")
+    missing = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_99"])
+    assert missing.exit_code == 1

@@ -92,14 +92,16 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
 
 
 def events(core: MeterCore, limit: int = 100) -> Flow[list[dict[str, Any]]]:
-    """Return the newest outbox events of every partition, newest first."""
+    """Return the newest outbox events and dead letters of every partition, newest first."""
     out: list[dict[str, Any]] = []
     for partition in range(core.keys.partitions):
-        rows = yield Command(
-            ("XREVRANGE", core.keys.outbox(partition), "+", "-", "COUNT", str(limit))
-        )
-        for stream_id, fields in rows or []:
-            out.append(_event(stream_id, fields, partition))
+        for key, status in (
+            (core.keys.outbox(partition), "queued"),
+            (core.keys.dead_letters(partition), "dead"),
+        ):
+            rows = yield Command(("XREVRANGE", key, "+", "-", "COUNT", str(limit)))
+            for stream_id, fields in rows or []:
+                out.append({**_event(stream_id, fields, partition), "status": status})
     out.sort(key=lambda e: (e["time"], e["stream_id"]), reverse=True)
     return out[:limit]
 
@@ -110,7 +112,7 @@ def _event(stream_id: str, fields: Any, partition: int) -> dict[str, Any]:
         if isinstance(fields, list)
         else dict(fields)
     )
-    return {
+    event = {
         "id": data.get("id"),
         "type": data.get("type"),
         "customer": data.get("customer"),
@@ -119,23 +121,38 @@ def _event(stream_id: str, fields: Any, partition: int) -> dict[str, Any]:
         "stream_id": stream_id,
         "partition": partition,
     }
+    for extra in ("destination", "reason", "dead_at"):  # dead letters say where and why
+        if extra in data:
+            event[extra] = data[extra]
+    return event
 
 
 def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
-    """Append a copy of an event (same id) to its partition's outbox for delivery again."""
+    """Deliver an event again: a dead letter to its one destination, else to every endpoint."""
     customer = (
         event_id.removeprefix("evt_").rsplit("_", 1)[0] if event_id.startswith("evt_") else None
     )
     partitions = [core.keys.partition(customer)] if customer else range(core.keys.partitions)
     for partition in partitions:
-        rows = yield Command(("XRANGE", core.keys.outbox(partition), "-", "+"))
-        for stream_id, fields in reversed(rows or []):
-            event = _event(stream_id, fields, partition)
-            if event["id"] == event_id:
+        for key in (core.keys.dead_letters(partition), core.keys.outbox(partition)):
+            rows = yield Command(("XRANGE", key, "-", "+"))
+            for stream_id, fields in reversed(rows or []):
+                event = _event(stream_id, fields, partition)
+                if event["id"] != event_id:
+                    continue
                 flat = (
                     fields if isinstance(fields, list) else [x for kv in fields.items() for x in kv]
                 )
-                yield Command(("XADD", core.keys.outbox(partition), "*", *flat))
+                pairs = dict(zip(flat[::2], flat[1::2], strict=True))
+                copy = [
+                    x
+                    for k in ("id", "type", "customer", "time", "data")
+                    if k in pairs
+                    for x in (k, pairs[k])
+                ]
+                if "destination" in pairs:  # the same webhook-id, to the endpoint that gave up
+                    copy += ["only", pairs["destination"]]
+                yield Command(("XADD", core.keys.outbox(partition), "*", *copy))
                 return event
     raise NotFound(f"event '{event_id}' does not exist")
 

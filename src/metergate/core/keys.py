@@ -27,6 +27,10 @@ class Keys:
         """Return the outbox stream of one partition."""
         return f"{{{self.prefix}:p{partition}}}:outbox"
 
+    def dead_letters(self, partition: int) -> str:
+        """Return the stream of a partition's events given up on, one entry per destination."""
+        return f"{{{self.prefix}:p{partition}}}:dead"
+
     def usage_window(self, partition: int, window_start_ms: int) -> str:
         """Return the hash aggregating one partition's usage in one report window."""
         return f"{{{self.prefix}:p{partition}}}:usage:{window_start_ms}"
