@@ -513,6 +513,7 @@ class MeterCore:
                 self.keys.usage_window(partition, window_start),
                 self.keys.usage_open(partition),
                 self.keys.closing(partition),
+                self.keys.holds(partition),
             ]
             args += [str(window_start), str(window_start + interval_ms)]
             reply = yield Script("admit", tuple(keys), tuple(args))
@@ -692,6 +693,7 @@ class MeterCore:
                 self.keys.ledger(customer),
                 bkey,
                 bxkey,
+                self.keys.holds(self.keys.partition(customer)),
             ),
             (
                 str(int(self.clock() * 1000)),

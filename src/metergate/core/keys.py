@@ -27,6 +27,10 @@ class Keys:
         """Return the outbox stream of one partition."""
         return f"{{{self.prefix}:p{partition}}}:outbox"
 
+    def holds(self, partition: int) -> str:
+        """Return the zset of a partition's balances with open holds, by earliest expiry."""
+        return f"{{{self.prefix}:p{partition}}}:holds"
+
     def dead_letters(self, partition: int) -> str:
         """Return the stream of a partition's events given up on, one entry per destination."""
         return f"{{{self.prefix}:p{partition}}}:dead"

@@ -3,7 +3,8 @@
 -- KEYS: 1 operation record, 2 partition outbox stream, 3 customer hash, 4 customer ledger list,
 --       then per asset i: asset hash, asset expiry zset (pending holds and leases),
 --       then per balance j: balance hash, hold expiry zset,
---       then the partition's usage window hash, open usage windows zset and closing zset.
+--       then the partition's usage window hash, open usage windows zset and closing zset,
+--       then the partition's index of balances with open holds.
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
 --       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold expiry (epoch ms, for
 --       estimates and their balance holds), 9 lease expiry (epoch ms, for UpDownCounter admissions),
@@ -89,6 +90,7 @@ for i = 1, n do
 end
 local uw_key, uw_open, closing = KEYS[5 + 2 * n + 2 * m], KEYS[6 + 2 * n + 2 * m],
   KEYS[7 + 2 * n + 2 * m]
+local holds_index = KEYS[8 + 2 * n + 2 * m]
 local uw_start, uw_end = num(ARGV[p]), num(ARGV[p + 1])
 if not closing or not uw_start or not uw_end then
   return bad('usage window', 'keys or bounds missing')
@@ -243,7 +245,9 @@ for j = 1, m do
   b.susp = h[4] == '1'
   -- held > 0 exactly when holds are open; only then can one have expired
   if b.held > 0 then
+    local was = b.held
     b.held = expire_holds(b.key, b.xkey, b.name, now, outbox, cust_key, customer, ledger_key)
+    b.expired = b.held ~= was
   end
 end
 
@@ -451,6 +455,9 @@ if status == '200' then
         ledger(ledger_key, now, rid, 'hold', b.name, 0, b.amt, b.held)
       end
       balance_events(b.key, b.name, before, b.amt - b.held, outbox, cust_key, customer, now)
+    end
+    if holds_index and b.exists and (b.hold > 0 or b.settles or b.expired) then
+      index_holds(holds_index, b.xkey, customer .. '\31' .. b.name)
     end
   end
 end

@@ -1,7 +1,7 @@
 -- balance: one operation on one prepaid balance, applied exactly once per operation id.
 --
 -- KEYS: 1 operation record, 2 partition outbox stream, 3 customer hash, 4 customer ledger list,
---       5 balance hash, 6 hold expiry zset.
+--       5 balance hash, 6 hold expiry zset, 7 the partition's index of balances with holds.
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
 --       6 operation (create, topup, withdraw, suspend, resume, reserve, commit, release, read),
 --       7 balance name, 8 amount, 9 reservation id, 10 reservation expiry (epoch ms),
@@ -138,6 +138,7 @@ end
 
 redis.call('HSET', bkey, 'amt', fmt(amt), 'held', fmt(held))
 balance_events(bkey, name, before, amt - held, outbox, cust_key, customer, now)
+if KEYS[7] then index_holds(KEYS[7], bxkey, customer .. '\31' .. name) end
 
 local sflag = '0'
 if susp then sflag = '1' end

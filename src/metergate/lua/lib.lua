@@ -116,6 +116,17 @@ local function expire_holds(bkey, bxkey, name, now, outbox, cust_key, customer, 
   return held
 end
 
+-- Keep a balance in its partition's index of open holds, scored by its earliest expiry, so a
+-- sweeper finds expired holds of balances nobody touches (out of the index once it has none).
+local function index_holds(holds_key, bxkey, member)
+  local first = redis.call('ZRANGE', bxkey, 0, 0, 'WITHSCORES')
+  if first[2] then
+    redis.call('ZADD', holds_key, first[2], member)
+  else
+    redis.call('ZREM', holds_key, member)
+  end
+end
+
 -- Balance lifecycle events for a move of `available` from `before` to `after`.
 local function balance_events(bkey, name, before, after, outbox, cust_key, customer, now)
   local floor = -hint(bkey, 'ovg')

@@ -13,6 +13,7 @@ from metergate.storage import open_async
 from metergate.worker.destinations import Destination
 from metergate.worker.loop import Worker, WorkerSettings
 from metergate.worker.stripe import StripeMeterEvents
+from metergate.worker.sweep import sweep_loop
 
 __all__ = ["WORKER_TIMEOUT_MS", "run_worker", "stripe_destinations"]
 
@@ -61,7 +62,12 @@ async def run_worker(
                 worker.consumer,
                 len(worker.destinations),
             )
-            await worker.run(stop)
+            sweeper = asyncio.ensure_future(sweep_loop(meter, stop))
+            try:
+                await worker.run(stop)
+            finally:
+                stop.set()
+                await sweeper
     finally:
         await storage.aclose()
         # AsyncStorage.aclose leaves a connection pool it was given open; closing twice is harmless.
