@@ -14,7 +14,7 @@ from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
+from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import STORAGE_ERRORS, observe
@@ -31,7 +31,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Identify = Callable[[Scope], "str | Awaitable[str | None] | None"]
 OnEnd = Callable[[Mapping[str, str]], Awaitable[None]]
 
-KEY_CACHE_S = 5.0
 DEGRADED_BUFFER = 100_000
 SHUTDOWN_DRAIN_S = 5.0
 DEGRADED = [("metergate-degraded", "?1")]
@@ -79,7 +78,7 @@ class MeteringMiddleware:
         # only turn a busy moment into 503s.
         embedded = self.config.storage.url.startswith("memory://")
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
-        self._keys: dict[str, tuple[str, float]] = {}
+        self._keys = KeyCache()
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
@@ -174,15 +173,13 @@ class MeteringMiddleware:
         if key is None:
             return None
         now = time.monotonic()
-        cached = self._keys.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        cached = self._keys.get(key, now)
+        if cached is not None:
+            return cached
         async with asyncio.timeout(self.timeout_s):
             customer = await self.meter.customer_for_key(key)
         if customer is not None:
-            if len(self._keys) > 100_000:
-                self._keys.clear()
-            self._keys[key] = (customer, now + KEY_CACHE_S)
+            self._keys.put(key, customer, now)
         return customer
 
     async def _forward(

@@ -14,7 +14,7 @@ from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, ratelimit_fields
+from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import ConfigSource, Meter, as_config
 from metergate.observability import STORAGE_ERRORS, observe
@@ -28,7 +28,6 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 OnEnd = Callable[[Mapping[str, str]], None]
 
-KEY_CACHE_S = 5.0
 DEGRADED_BUFFER = 100_000
 DRAIN_PER_REQUEST = 100
 DEGRADED = [("metergate-degraded", "?1")]
@@ -115,7 +114,7 @@ class WSGIMeteringMiddleware:
         self.meter = meter or Meter(self.config, clock=self.clock)
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
-        self._keys: dict[str, tuple[str, float]] = {}
+        self._keys = KeyCache()
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
@@ -192,14 +191,12 @@ class WSGIMeteringMiddleware:
         if key is None:
             return None
         now = time.monotonic()
-        cached = self._keys.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        cached = self._keys.get(key, now)
+        if cached is not None:
+            return cached
         customer = self.meter.customer_for_key(key)
         if customer is not None:
-            if len(self._keys) > 100_000:
-                self._keys.clear()
-            self._keys[key] = (customer, now + KEY_CACHE_S)
+            self._keys.put(key, customer, now)
         return customer
 
     def _forward(

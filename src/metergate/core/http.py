@@ -23,6 +23,7 @@ __all__ = [
     "CompiledRoute",
     "Deferred",
     "Gate",
+    "KeyCache",
     "MeteredCost",
     "RouteTable",
     "api_key_from",
@@ -380,3 +381,28 @@ class Gate:
             return None
         customer = admission.customer or None
         return Deferred(customer, None if customer else api_key, amounts, operation)
+
+
+class KeyCache:
+    """API key -> customer, remembered for `ttl_s` so most requests need no lookup.
+
+    A revoked key keeps working for at most `ttl_s` in each process; unknown keys are never
+    remembered, so a key issued at runtime works at once."""
+
+    def __init__(self, ttl_s: float = 5.0, size: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._entries: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str, now: float) -> str | None:
+        """Return the customer remembered for `key`, if still fresh at `now` (monotonic s)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        return None
+
+    def put(self, key: str, customer: str, now: float) -> None:
+        """Remember `key`'s customer from `now` on."""
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[key] = (customer, now + self.ttl_s)
