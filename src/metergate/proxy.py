@@ -93,6 +93,8 @@ class ProxyApp:
                 if key == b"host":
                     host = v
                 continue
+            if key == b"forwarded" and not trusted:
+                continue  # RFC 7239's field, like X-Forwarded-*, only from trusted proxies
             if key in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
                 if trusted:
                     forwarded[key] = forwarded[key] + b", " + v if key in forwarded else v

@@ -203,14 +203,22 @@ def test_hop_by_hop_fields_are_stripped_both_ways(gateway: tuple[str, Meter]) ->
 
 
 def test_forwarded_headers_are_replaced_from_untrusted_peers(gateway: tuple[str, Meter]) -> None:
-    """A loopback peer is not in trusted_proxies, so its X-Forwarded-For is replaced by the peer."""
+    """From an untrusted peer, X-Forwarded-For is replaced by the peer and Forwarded dropped."""
     url, _ = gateway
     r = httpx.get(
-        f"{url}/v1/x", headers=auth(**{"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"})
+        f"{url}/v1/x",
+        headers=auth(
+            **{
+                "X-Forwarded-For": "6.6.6.6",
+                "X-Forwarded-Proto": "https",
+                "Forwarded": "for=6.6.6.6",
+            }
+        ),
     )
     upstream_saw = seen_headers(r)
     assert upstream_saw["x-forwarded-for"] == "127.0.0.1"
     assert upstream_saw["x-forwarded-proto"] == "http"
+    assert "forwarded" not in upstream_saw
     assert upstream_saw["x-forwarded-host"].startswith("127.0.0.1:")
 
 
