@@ -502,6 +502,7 @@ class MeterCore:
                     *period_args,
                     str(balances.index(asset.balance) + 1 if asset.balance else 0),
                     str(len(asset.tiers)),
+                    asset.tier_flags,
                     *asset.tier_args,
                 ]
             for name in balances:
@@ -735,10 +736,12 @@ class MeterCore:
         return state
 
 
-def _empty_balance(reply: list[str], n: int, m: int) -> bool:
+def _empty_balance(reply: list[str | int], n: int, m: int) -> bool:
     """Whether an admission reply shows a balance with nothing in it (amount 0, nothing held)."""
     base = 5 + 7 * n
-    return any(reply[base + 2 + 3 * j] == "0" and reply[base + 3 + 3 * j] == "0" for j in range(m))
+    return any(
+        int(reply[base + 2 + 3 * j]) == 0 and int(reply[base + 3 + 3 * j]) == 0 for j in range(m)
+    )
 
 
 def _usage(
@@ -779,12 +782,12 @@ def _decision(
     assets: list[CompiledAsset],
     windows: list[tuple[int, int] | None],
     balances: list[str],
-    reply: list[str],
+    reply: list[str | int],
     now_s: float,
     ticket: Ticket | None,
 ) -> Decision:
     status = int(reply[0])
-    slug = reply[1] or None
+    slug = str(reply[1]) or None
     if status == 409:
         return Decision(False, 409, slug, customer, detail=_PROBLEM_DETAIL[str(slug)])
     retry_ms, refused = int(reply[2]), int(reply[3])
@@ -794,7 +797,7 @@ def _decision(
     for i in range(n):
         v, pend, lvl, _tier, ovg, thr, susp = reply[5 + 7 * i : 12 + 7 * i]
         usage = _usage(
-            assets[i], int(v), int(pend), int(lvl), int(ovg), susp == "1", windows[i], int(thr)
+            assets[i], int(v), int(pend), int(lvl), int(ovg), int(susp) == 1, windows[i], int(thr)
         )
         usages[assets[i].metric] = usage
         top = max(top, int(lvl))

@@ -42,6 +42,8 @@ class CompiledAsset:
     balance: str | None
     tiers: tuple[TierConfig, ...]
     tier_args: tuple[str, ...]
+    tier_flags: str
+    """Per tier: 'b' base price, 'r' RateLimit, 'x' both, '-' neither (the state it keeps)."""
     limits: tuple[int | None, ...]
     """Per tier: the value at which admissions start to be refused, seen from that tier."""
 
@@ -75,6 +77,10 @@ def _compile(metric: str, kind: str, asset: AssetConfig) -> CompiledAsset:
             str(price.per if price else 1),
             str(price.base if price else 0),
         ]
+    flags = "".join(
+        "xrb-"[(t.price is None or not t.price.base) * 1 + (t.policy != "RateLimit") * 2]
+        for t in asset.tiers
+    )
     thresholds = [_refusal_threshold(t) for t in asset.tiers]
     limits: list[int | None] = []
     for k in range(len(asset.tiers)):
@@ -87,6 +93,7 @@ def _compile(metric: str, kind: str, asset: AssetConfig) -> CompiledAsset:
         balance=asset.balance,
         tiers=tuple(asset.tiers),
         tier_args=tuple(args),
+        tier_flags=flags,
         limits=tuple(limits),
     )
 

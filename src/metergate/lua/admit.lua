@@ -12,7 +12,9 @@
 --       then per asset: metric, type (C cumulative, T total, G gauge, U up-down),
 --         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease), amount,
 --         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
---         balance index (0 = none), tier count, then per tier: from, level index,
+--         balance index (0 = none), tier count, tier flags (one character per tier: 'b' when
+--         it has a base price, 'r' when it is a RateLimit tier, 'x' both, '-' neither), then per
+--         tier: from, level index,
 --         policy (N notify, O overage, G grace, R rate limit, D deny, S suspend), grace,
 --         rate limit, rate period ms, price per_unit, price per, price base;
 --       then the usage window's start ms and end ms (windows of `usage_report_interval`).
@@ -27,11 +29,13 @@
 -- request refused anyway (another asset suspended, over quota or throttled) would not have crossed.
 -- A settlement is checked from the value without its own estimate, which it replaces.
 
-local now = int(ARGV[1])
+-- The header and tiers come from the gateway's validated config: `num` (no pattern match) is
+-- enough for them; amounts, which come from requests, go through `int`.
+local now = num(ARGV[1])
 if not now then return bad('now', 'not an integer') end
 local op_id, fp, customer, ver, rid = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7]
-local ttl, hold_exp, lease_exp = int(ARGV[4]), int(ARGV[8]), int(ARGV[9])
-local n, m = int(ARGV[10]), int(ARGV[11])
+local ttl, hold_exp, lease_exp = num(ARGV[4]), num(ARGV[8]), num(ARGV[9])
+local n, m = num(ARGV[10]), num(ARGV[11])
 if not ttl or not hold_exp or not lease_exp or not n or not m or n < 1 or m < 0 then
   return bad('header', 'ttl, expiries and counts must be integers, with at least one asset')
 end
@@ -60,32 +64,78 @@ for j = 1, m do
     charge = 0, hold = 0}
   p = p + 1
 end
+-- Tiers are read lazily: every `from` up front (they place a value in a tier), the first tier
+-- whole, and the others only when a value reaches them, so an admission that stays in one tier
+-- pays for one tier whatever the plan's length. `ensure_tiers` parses every tier the admission
+-- can touch before the first write, so a malformed tier still changes nothing.
+local function parse_tier(a, k)
+  local q = a.tp + 9 * (k - 1)
+  local t = {from = a.froms[k], level = num(ARGV[q + 1]), policy = ARGV[q + 2],
+    grace = num(ARGV[q + 3]), limit = num(ARGV[q + 4]), per = num(ARGV[q + 5]),
+    pu = num(ARGV[q + 6]), pper = num(ARGV[q + 7]), base = num(ARGV[q + 8])}
+  if not (t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
+    or t.pper < 1 or t.limit < 1 or t.per < 1 or not POLICIES[t.policy]
+    or not LEVELS[t.level + 1] then
+    return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
+  end
+  -- the flags told which per-tier state to load: they must agree with the tier itself
+  local flag = '-'
+  if t.base > 0 then flag = 'b' end
+  if t.policy == 'R' then
+    if flag == 'b' then flag = 'x' else flag = 'r' end
+  end
+  if string.sub(a.flags, k, k) ~= flag then
+    return bad('tier', 'flags disagree with tier ' .. k .. ' for ' .. a.metric)
+  end
+  a.tiers[k] = t
+  return nil
+end
+
+local function tier_of(a, v)
+  local froms = a.froms
+  local k = 1
+  for i = 2, a.nt do
+    if froms[i] < v then k = i else break end
+  end
+  return k
+end
+
+local function ensure_tiers(a, upto)
+  for k = 2, upto do
+    if not a.tiers[k] then
+      local err = parse_tier(a, k)
+      if err then return err end
+    end
+  end
+  return nil
+end
+
 local assets = {}
 for i = 1, n do
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
     ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
-    bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i],
-    tiers = {}, tat = {}, charge = 0}
+    bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), flags = ARGV[p + 10], key = KEYS[3 + 2 * i],
+    xkey = KEYS[4 + 2 * i], tiers = {}, froms = {}, tat = {}, charge = 0, tp = p + 11}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
   if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
-    or not KINDS[a.kind] or not MODES[a.mode] then
+    or not KINDS[a.kind] or not MODES[a.mode] or #a.flags ~= a.nt
+    or string.find(a.flags, '[^-brx]') then
     return bad('asset', 'malformed arguments for ' .. a.metric)
   end
   local signed = (a.kind == 'U' and a.mode == 'r')
   if a.amount < 0 and not signed then return bad('amount', 'negative for ' .. a.metric) end
-  p = p + 10
+  p = a.tp
+  local froms = a.froms
   for k = 1, a.nt do
-    local t = {from = num(ARGV[p]), level = num(ARGV[p + 1]), policy = ARGV[p + 2],
-      grace = num(ARGV[p + 3]), limit = num(ARGV[p + 4]), per = num(ARGV[p + 5]),
-      pu = num(ARGV[p + 6]), pper = num(ARGV[p + 7]), base = num(ARGV[p + 8])}
-    if not (t.from and t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
-      or t.pper < 1 or t.limit < 1 or t.per < 1 or not POLICIES[t.policy] or not LEVELS[t.level + 1]
-      or (k > 1 and t.from <= a.tiers[k - 1].from) then
+    local from = num(ARGV[p + 9 * (k - 1)])
+    if not from or (k > 1 and from <= froms[k - 1]) then
       return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
     end
-    a.tiers[k] = t
-    p = p + 9
+    froms[k] = from
   end
+  local err = parse_tier(a, 1)
+  if err then return err end
+  p = p + 9 * a.nt
   assets[i] = a
 end
 local uw_key, uw_open, closing = KEYS[5 + 2 * n + 2 * m], KEYS[6 + 2 * n + 2 * m],
@@ -96,19 +146,12 @@ if not closing or not uw_start or not uw_end then
   return bad('usage window', 'keys or bounds missing')
 end
 
-local function tier_of(tiers, v)
-  local k = 1
-  for i = 2, #tiers do
-    if tiers[i].from < v then k = i else break end
-  end
-  return k
-end
-
-local function units_in(tiers, k, v)
-  local lo = tiers[k].from
+local function units_in(froms, k, v)
+  local lo = froms[k]
   local u = v - lo
   if u < 0 then return 0 end
-  if tiers[k + 1] and v > tiers[k + 1].from then u = tiers[k + 1].from - lo end
+  local nxt = froms[k + 1]
+  if nxt and v > nxt then u = nxt - lo end
   return u
 end
 
@@ -120,12 +163,14 @@ local function cost(u, pu, per)
 end
 
 -- Credits for moving the recorded value from `v0` to `v1`, with the base of each tier entered for
--- the first time this period (flags are set only when `commit_base`).
+-- the first time this period (flags are set only when `commit_base`). Only the tiers the units
+-- enter can change: below them both values fill the tier, above them neither reaches it.
 local function price(a, v0, v1, commit_base)
-  local total = 0
-  for k = 1, a.nt do
+  if v1 <= v0 then return 0 end
+  local total, froms = 0, a.froms
+  for k = tier_of(a, v0 + 1), tier_of(a, v1) do
     local t = a.tiers[k]
-    local u0, u1 = units_in(a.tiers, k, v0), units_in(a.tiers, k, v1)
+    local u0, u1 = units_in(froms, k, v0), units_in(froms, k, v1)
     if u1 > u0 then
       total = total + cost(u1, t.pu, t.pper) - cost(u0, t.pu, t.pper)
       if t.base > 0 and u1 > 0 and a.base_flags[k] ~= a.ps then
@@ -138,10 +183,11 @@ local function price(a, v0, v1, commit_base)
 end
 
 local function awo_units(a, v0, v1)
-  local total = 0
-  for k = 1, a.nt do
+  if v1 <= v0 then return 0 end
+  local total, froms = 0, a.froms
+  for k = tier_of(a, v0 + 1), tier_of(a, v1) do
     if a.tiers[k].policy == 'O' then
-      total = total + units_in(a.tiers, k, v1) - units_in(a.tiers, k, v0)
+      total = total + units_in(froms, k, v1) - units_in(froms, k, v0)
     end
   end
   return total
@@ -157,7 +203,7 @@ end
 -- Returns status, slug, retry-after ms for a refusal; records a SuspendUsage crossing in a.suspend.
 local function evaluate(a, before, after, facts)
   if after <= before then return nil end
-  local k1, k2 = tier_of(a.tiers, before + 1), tier_of(a.tiers, after)
+  local k1, k2 = tier_of(a, before + 1), tier_of(a, after)
   for k = k1, k2 do
     local t = a.tiers[k]
     local pol = t.policy
@@ -171,7 +217,8 @@ local function evaluate(a, before, after, facts)
         return '429', 'quota-exceeded', retry_to_end(a)
       elseif pol == 'R' then
         local hi = after
-        if a.tiers[k + 1] and hi > a.tiers[k + 1].from then hi = a.tiers[k + 1].from end
+        local nxt = a.froms[k + 1]
+        if nxt and hi > nxt then hi = nxt end
         local u = hi - math.max(before, t.from)
         local interval = t.per / t.limit
         local tat = math.max(a.tats[k], now)
@@ -188,37 +235,43 @@ local function evaluate(a, before, after, facts)
   return nil
 end
 
--- Release expired holds and leases; load each asset's state for the current period.
+-- Load each asset's state for the current period, and find its expired holds and leases.
+-- Nothing is written until every tier the admission can reach has been parsed.
 for i = 1, n do
   local a = assets[i]
-  -- One read of the whole state: the fixed fields, then each tier's base flag and throttle.
-  local fields = {'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak', 'xn'}
-  for k = 1, a.nt do
-    fields[#fields + 1] = 'base' .. k
-    fields[#fields + 1] = 'tat' .. k
+  -- One read of the whole state: the fixed fields, then the base flag and throttle of the tiers
+  -- that have them (their flags say which).
+  local fields = {'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak', 'xn', 'crd'}
+  local stateful = string.find(a.flags, '[brx]')
+  if stateful then
+    for k = 1, a.nt do
+      fields[#fields + 1] = 'base' .. k
+      fields[#fields + 1] = 'tat' .. k
+    end
   end
-  fields[#fields + 1] = 'crd' -- credits charged in the period, for period.closed
   local h = redis.call('HMGET', a.key, unpack(fields))
-  a.crd = tonumber(h[#fields] or '0')
+  a.crd = tonumber(h[10] or '0') -- credits charged in the period, for period.closed
   a.w = {}
   a.xn = tonumber(h[9] or '0')
   a.base_flags, a.base_set, a.tats = {}, {}, {}
-  for k = 1, a.nt do
-    a.base_flags[k] = tonumber(h[8 + 2 * k] or '-1')
-    a.tats[k] = tonumber(h[9 + 2 * k] or '0')
+  if stateful then
+    for k = 1, a.nt do
+      a.base_flags[k] = tonumber(h[9 + 2 * k] or '-1')
+      a.tats[k] = tonumber(h[10 + 2 * k] or '0')
+    end
   end
   -- A fresh asset (and a new period) starts at the first tier's level: its first unit is no change.
   a.v, a.pend, a.lvl = tonumber(h[2] or '0'), tonumber(h[3] or '0'), a.tiers[1].level
-  if h[4] then a.lvl = tonumber(h[4]) end
+  a.stored_lvl = tonumber(h[4])
+  if a.stored_lvl then a.lvl = a.stored_lvl end
   a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
   a.last, a.peak = tonumber(h[7] or '0'), tonumber(h[8] or '0')
   -- `xn` counts the open holds and leases, so an asset without any skips the expiry scan.
-  local due = {}
-  if a.xn > 0 then due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now) end
-  for d = 1, #due do
-    if redis.call('ZREM', a.xkey, due[d]) == 1 then
+  if a.xn > 0 then
+    local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
+    if #due > 0 then a.due = due end
+    for d = 1, #due do
       local x = tonumber(redis.call('HGET', a.key, 'x:' .. due[d]) or '0')
-      redis.call('HDEL', a.key, 'x:' .. due[d])
       if a.kind == 'U' then a.v = a.v - x else a.pend = a.pend - x end
       a.xn = a.xn - 1
       a.expired = true
@@ -236,13 +289,30 @@ for i = 1, n do
       a.ps = a.stored_ps -- a gateway with a lagging clock never reopens a closed period
     end
   end
+  -- Every value this admission can produce lies at or below `hi`: parse the tiers up to it.
+  local hi = a.v + a.pend
+  if a.v > hi then hi = a.v end
+  if hi < 0 then hi = 0 end
+  if a.amount > 0 then hi = hi + a.amount end
+  local err = ensure_tiers(a, tier_of(a, hi))
+  if err then return err end
+end
+-- Release the expired holds and leases found above.
+for i = 1, n do
+  local a = assets[i]
+  if a.due then
+    for d = 1, #a.due do
+      redis.call('ZREM', a.xkey, a.due[d])
+      redis.call('HDEL', a.key, 'x:' .. a.due[d])
+    end
+  end
 end
 for j = 1, m do
   local b = bal[j]
-  local h = redis.call('HMGET', b.key, 'amt', 'held', 'ovg', 'susp')
+  local h = redis.call('HMGET', b.key, 'amt', 'held', 'ovg', 'susp', 'low')
   b.exists = h[1] ~= false
   b.amt, b.held, b.ovg = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
-  b.susp = h[4] == '1'
+  b.susp, b.low = h[4] == '1', h[5]
   -- held > 0 exactly when holds are open; only then can one have expired
   if b.held > 0 then
     local was = b.held
@@ -327,7 +397,7 @@ if status == '200' then
 end
 
 local function level_event(a, new_v)
-  local k = tier_of(a.tiers, new_v)
+  local k = tier_of(a, new_v)
   local lvl = a.tiers[k].level
   if lvl ~= a.lvl then
     local ps, pe = {'period_start', 'null', 'r'}, {'period_end', 'null', 'r'}
@@ -335,7 +405,7 @@ local function level_event(a, new_v)
     emit(outbox, cust_key, customer, now, 'quota.level_changed', {
       {'metric', a.metric, 's'}, {'from_level', LEVELS[a.lvl + 1], 's'},
       {'to_level', LEVELS[lvl + 1], 's'}, {'policy', POLICIES[a.tiers[k].policy], 's'},
-      {'value', new_v, 'i'}, {'threshold', a.tiers[k].from, 'i'}, ps, pe})
+      {'value', new_v, 'i'}, {'threshold', a.froms[k], 'i'}, ps, pe})
     a.lvl = lvl
   end
 end
@@ -413,24 +483,30 @@ if status == '200' then
       -- usage.reported is aggregated here, per window, never by scanning events
       if a.d > 0 and (kind == 'C' or kind == 'T') then
         local pair = customer .. '\31' .. a.metric
-        redis.call('HINCRBY', uw_key, 'q\31' .. pair, a.d)
+        local q = redis.call('HINCRBY', uw_key, 'q\31' .. pair, a.d)
         if ovg_added > 0 then redis.call('HINCRBY', uw_key, 'o\31' .. pair, ovg_added) end
         if a.charge > 0 and bal[a.bi].exists then
           redis.call('HINCRBY', uw_key, 'c\31' .. pair, a.charge)
           a.crd = a.crd + a.charge
           w.crd = fmt(a.crd)
         end
-        redis.call('HSET', uw_key, 'p\31' .. pair, fmt(a.ps))
-        redis.call('ZADD', uw_open, uw_end, fmt(uw_start))
+        -- The pair's first units in this window open it; a rollover changes its period.
+        if q == a.d or a.rollover then
+          redis.call('HSET', uw_key, 'p\31' .. pair, fmt(a.ps))
+          redis.call('ZADD', uw_open, uw_end, fmt(uw_start))
+        end
       end
       a.v = a.v + a.d
       for k, tat in pairs(a.tat) do w['tat' .. k] = string.format('%.17g', tat) end
       for _, k in ipairs(a.base_set) do w['base' .. k] = fmt(a.ps) end
-      w.v, w.pend, w.ovg = fmt(a.v), fmt(a.pend), fmt(a.ovg)
-      if kind ~= 'U' then w.ps = fmt(a.ps) end
+      -- only the fields that changed (a rollover wrote its own above)
+      if a.d ~= 0 then w.v = fmt(a.v) end
+      if mode == 's' then w.pend = fmt(a.pend) end
+      if ovg_added > 0 then w.ovg = fmt(a.ovg) end
+      if kind ~= 'U' and a.ps ~= a.stored_ps then w.ps = fmt(a.ps) end
       level_event(a, a.v)
     end
-    w.lvl = fmt(a.lvl)
+    if a.lvl ~= a.stored_lvl then w.lvl = fmt(a.lvl) end
   end
   for j = 1, m do
     local b = bal[j]
@@ -454,7 +530,7 @@ if status == '200' then
         redis.call('ZADD', b.xkey, hold_exp, rid)
         ledger(ledger_key, now, rid, 'hold', b.name, 0, b.amt, b.held)
       end
-      balance_events(b.key, b.name, before, b.amt - b.held, outbox, cust_key, customer, now)
+      balance_events(b.name, before, b.amt - b.held, b.ovg, b.low, outbox, cust_key, customer, now)
     end
     if holds_index and b.exists and (b.hold > 0 or b.settles or b.expired) then
       index_holds(holds_index, b.xkey, customer .. '\31' .. b.name)
@@ -472,11 +548,12 @@ for i = 1, n do
   if #args > 0 then redis.call('HSET', assets[i].key, unpack(args)) end
 end
 
--- Reply.
-local reply = {status, slug, fmt(retry), fmt(refused), fmt(n)}
+-- Reply: numbers travel as integer replies (no formatting); the stored copy is strings.
+local reply = {status, slug, retry, refused, n}
+local r = 5
 for i = 1, n do
   local a = assets[i]
-  local k = tier_of(a.tiers, a.v)
+  local k = tier_of(a, a.v)
   local thr = -1
   local t = a.tiers[k]
   if t.policy == 'R' then
@@ -487,17 +564,27 @@ for i = 1, n do
     thr = math.floor((t.limit * interval - (math.max(tat, now) - now)) / interval + 1e-9)
     if thr < 0 then thr = 0 end
   end
-  local susp = '0'
-  if a.susp then susp = '1' end
-  for _, x in ipairs({fmt(a.v), fmt(a.pend), fmt(a.lvl), fmt(k), fmt(a.ovg), fmt(thr), susp}) do
-    reply[#reply + 1] = x
-  end
+  local susp = 0
+  if a.susp then susp = 1 end
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = a.v, a.pend, a.lvl, k
+  reply[r + 5], reply[r + 6], reply[r + 7] = a.ovg, thr, susp
+  r = r + 7
 end
-reply[#reply + 1] = fmt(m)
+reply[r + 1] = m
+r = r + 1
 for j = 1, m do
   local b = bal[j]
-  for _, x in ipairs({fmt(b.amt - b.held), fmt(b.amt), fmt(b.held)}) do reply[#reply + 1] = x end
+  reply[r + 1], reply[r + 2], reply[r + 3] = b.amt - b.held, b.amt, b.held
+  r = r + 3
 end
 -- Only admissions are remembered: a refused request retried later is decided anew.
-if status == '200' and op_id ~= '' then remember(KEYS[1], fp, ttl, reply) end
+if status == '200' and op_id ~= '' then
+  local stored = {}
+  for i = 1, #reply do
+    local x = reply[i]
+    if type(x) == 'number' then x = fmt(x) end
+    stored[i] = x
+  end
+  remember(KEYS[1], fp, ttl, stored)
+end
 return reply

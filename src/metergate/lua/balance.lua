@@ -137,7 +137,8 @@ elseif op == 'release' then
 end
 
 redis.call('HSET', bkey, 'amt', fmt(amt), 'held', fmt(held))
-balance_events(bkey, name, before, amt - held, outbox, cust_key, customer, now)
+balance_events(name, before, amt - held, hint(bkey, 'ovg'), redis.call('HGET', bkey, 'low'),
+  outbox, cust_key, customer, now)
 if KEYS[7] then index_holds(KEYS[7], bxkey, customer .. '\31' .. name) end
 
 local sflag = '0'

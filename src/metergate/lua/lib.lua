@@ -88,10 +88,11 @@ local function iso_utc(ms)
     math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
 end
 
+-- One ledger line; the field names and kinds are fixed, so a format string builds it.
 local function ledger(ledger_key, now, op, kind, balance, delta, amount, held)
-  local length = redis.call('LPUSH', ledger_key, json({
-    {'op', op, 's'}, {'kind', kind, 's'}, {'balance', balance, 's'}, {'delta', delta, 'i'},
-    {'amount', amount, 'i'}, {'held', held, 'i'}, {'time', now, 'i'}}))
+  local length = redis.call('LPUSH', ledger_key, string.format(
+    '{"op":%s,"kind":"%s","balance":%s,"delta":%s,"amount":%s,"held":%s,"time":%s}',
+    cjson.encode(op), kind, cjson.encode(balance), fmt(delta), fmt(amount), fmt(held), fmt(now)))
   -- trimmed in batches of 100, not on every entry
   if length > 10100 then redis.call('LTRIM', ledger_key, 0, 9999) end
 end
@@ -127,10 +128,10 @@ local function index_holds(holds_key, bxkey, member)
   end
 end
 
--- Balance lifecycle events for a move of `available` from `before` to `after`.
-local function balance_events(bkey, name, before, after, outbox, cust_key, customer, now)
-  local floor = -hint(bkey, 'ovg')
-  local low = redis.call('HGET', bkey, 'low')
+-- Balance lifecycle events for a move of `available` from `before` to `after`; `overage` and
+-- `low` are the balance's settings (`low` false or '' when unset).
+local function balance_events(name, before, after, overage, low, outbox, cust_key, customer, now)
+  local floor = -overage
   if low and low ~= '' then
     low = tonumber(low)
     if before >= low and after < low then
