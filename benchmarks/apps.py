@@ -16,40 +16,6 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 PAYLOAD = {"hello": "world"}
-SHIMS: list[str] = []
-
-
-def _shim_uvloop_transport() -> None:
-    """Let the pipelined Redis connection accept uvloop's transports, while src/ rejects them.
-
-    `metergate.storage.pipelined._Protocol.connection_made` asserts `isinstance(transport,
-    asyncio.Transport)`; uvloop's TCPTransport does not subclass it, so under uvloop every admission
-    fails with StorageUnavailable (503). The replacement is the same method without the assert. It
-    is applied only while the shipped method fails on a transport that is not asyncio's, and the
-    run records it (`shims` in latest.json).
-    """
-    from metergate.storage import pipelined
-
-    original = pipelined._Protocol.connection_made
-    probe = object.__new__(pipelined._Protocol)
-    try:
-        original(probe, object())  # type: ignore[arg-type]
-        return
-    except AssertionError:
-        pass
-
-    def connection_made(self: Any, transport: Any) -> None:
-        try:
-            original(self, transport)
-        except AssertionError:
-            self.transport = transport
-
-    pipelined._Protocol.connection_made = connection_made  # type: ignore[method-assign]
-    SHIMS.append("pipelined-uvloop-transport")
-    os.environ["MG_BENCH_SHIMS"] = ",".join(SHIMS)
-
-
-_shim_uvloop_transport()
 
 
 def _redis() -> str:

@@ -110,8 +110,6 @@ def markdown(results: dict[str, Any]) -> str:
         f" other processes used a median {_fmt(results['foreign_cores_median'])} cores"
         " during the measurements (2 cores in all)",
     ]
-    if results["shims"]:
-        lines.append(f"- **shims applied to src/ at run time**: {', '.join(results['shims'])}")
     lines += ["", "## Targets (medians of paired ratios)", ""]
     lines += ["| target | wanted | measured | met |", "|---|---|---|---|"]
     for t in results["targets"]:

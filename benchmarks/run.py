@@ -414,8 +414,6 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
-    import apps  # applies (and records) the shims the apps also apply in their processes
-
     if args.wait_quiet:
         wait_quiet(args.wait_quiet)
     out_dir = HERE / "results"
@@ -430,7 +428,6 @@ def main() -> None:
         "rounds": args.rounds,
         "duration_s": args.duration,
         "latency_duration_s": args.latency_duration,
-        "shims": list(apps.SHIMS),
         "sections": sorted(args.sections),
     }
     with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import logging
 import math
@@ -105,6 +106,26 @@ def _iso(epoch_s: int) -> str:
 
 
 @dataclass(slots=True)
+class _Shape:
+    """What every admission of one set of metrics by one customer on one plan sends alike.
+
+    Built once per customer, plan and metric set, so an admission only formats what changes:
+    the time, the operation and hold ids, the period and the usage window.
+    """
+
+    assets: list[CompiledAsset]
+    balances: list[str]
+    head: tuple[str, ...]  # operation record (without an id), outbox, customer hash, ledger
+    asset_keys: tuple[str, ...]  # per asset: state hash, expiry zset; then per balance the same
+    asset_args: list[
+        tuple[tuple[str, str], tuple[str, ...]]
+    ]  # (metric, kind), (bi, nt, flags, tiers)
+    tail: tuple[str, ...]  # open usage windows, closing, holds index
+    partition: int
+    window: tuple[int, str] = (-1, "")  # the last usage window start and its key
+
+
+@dataclass(slots=True)
 class Entitlement:
     """A customer's plan in effect, its period anchor and timezone, and the stored version."""
 
@@ -113,6 +134,7 @@ class Entitlement:
     timezone: str
     version: str
     windows: dict[str, tuple[int, int, str, str]] = field(default_factory=dict)
+    shapes: dict[tuple[str, tuple[str, ...]], _Shape] = field(default_factory=dict)
 
     def window(self, period: str, now_s: float) -> tuple[int, int, str, str]:
         """Return (start, end, start RFC 3339, end RFC 3339) of the period containing `now_s`."""
@@ -162,6 +184,10 @@ class MeterCore:
         self._bootstrapped = False
         self._generations: dict[str, str] = {}  # sentinel key -> the value seen at bootstrap
         self._lost: set[str] = set()  # sentinel keys missing at bootstrap while others were there
+        # Hold ids of admissions without an idempotency key: unique per process by a random
+        # prefix, then a counter (a uuid4 per admission costs a system call).
+        self._ids_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count()
         default_lease_s = config.proxy.timeout_s + 60
         self.default_lease_ms = default_lease_s * 1000
 
@@ -415,6 +441,37 @@ class MeterCore:
             )
         )
 
+    def _shape(self, customer: str, assets: list[CompiledAsset]) -> _Shape:
+        balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
+        partition = self.keys.partition(customer)
+        asset_keys: list[str] = []
+        asset_args = []
+        for asset in assets:
+            asset_keys += self.keys.asset(customer, asset.metric)
+            index = balances.index(asset.balance) + 1 if asset.balance else 0
+            rest = (str(index), str(len(asset.tiers)), asset.tier_flags, *asset.tier_args)
+            asset_args.append(((asset.metric, asset.kind), rest))
+        for name in balances:
+            asset_keys += self.keys.balance(customer, name)
+        return _Shape(
+            assets=assets,
+            balances=balances,
+            head=(
+                self.keys.operation(customer, ""),
+                self.keys.outbox(partition),
+                self.keys.customer(customer),
+                self.keys.ledger(customer),
+            ),
+            asset_keys=tuple(asset_keys),
+            asset_args=asset_args,
+            tail=(
+                self.keys.usage_open(partition),
+                self.keys.closing(partition),
+                self.keys.holds(partition),
+            ),
+            partition=partition,
+        )
+
     def _metric_kind(self, metric: str) -> str:
         spec = self.config.metrics.get(metric)
         if spec is None:
@@ -439,36 +496,39 @@ class MeterCore:
             # Without a key the caller will not retry, and the script keeps no operation record.
             op_id = f"k:{idempotency_key}" if idempotency_key else ""
         ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
-        hold_id = hold_id or op_id or f"a:{uuid.uuid4().hex}"
+        hold_id = hold_id or op_id or f"a:{self._ids_prefix}{next(self._ids):x}"
         if fingerprint is None:
-            fingerprint = "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items()))
+            # the fingerprint only matters to an operation record
+            fingerprint = (
+                "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items())) if op_id else ""
+            )
         for _attempt in range(3):
             ent = yield from self.entitlement(customer)
             if ent is None:
                 return Decision(
                     False, 401, "unauthenticated", customer, detail=f"unknown customer '{customer}'"
                 )
-            plan = self.plans.get(plan_name or ent.plan, {})
-            missing = [m for m in ops if m not in plan]
-            if missing:
-                return Decision(
-                    False,
-                    403,
-                    "not-entitled",
-                    customer,
-                    metric=missing[0],
-                    detail=f"plan '{ent.plan}' has no configuration for metric '{missing[0]}'",
-                )
+            shape_key = (plan_name or ent.plan, tuple(ops))
+            shape = ent.shapes.get(shape_key)
+            if shape is None:
+                plan = self.plans.get(shape_key[0], {})
+                missing = [m for m in ops if m not in plan]
+                if missing:
+                    return Decision(
+                        False,
+                        403,
+                        "not-entitled",
+                        customer,
+                        metric=missing[0],
+                        detail=f"plan '{ent.plan}' has no configuration for metric '{missing[0]}'",
+                    )
+                shape = ent.shapes[shape_key] = self._shape(customer, [plan[m] for m in ops])
+            assets, balances = shape.assets, shape.balances
             now_s = self.clock()
             now_ms = int(now_s * 1000)
-            assets = [plan[m] for m in ops]
-            balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
-            keys = [
-                self.keys.operation(customer, op_id),
-                self.keys.outbox(self.keys.partition(customer)),
-                self.keys.customer(customer),
-                self.keys.ledger(customer),
-            ]
+            keys = [*shape.head]
+            if op_id:
+                keys[0] = self.keys.operation(customer, op_id)
             args = [
                 str(now_ms),
                 op_id,
@@ -484,39 +544,24 @@ class MeterCore:
                 *balances,
             ]
             windows: list[tuple[int, int] | None] = []
-            for asset in assets:
-                keys += self.keys.asset(customer, asset.metric)
+            for asset, (named, rest) in zip(assets, shape.asset_args, strict=True):
                 mode, amount = ops[asset.metric]
                 if asset.period:
                     ps, pe, ps_iso, pe_iso = ent.window(asset.period, now_s)
                     windows.append((ps, pe))
-                    period_args = [str(ps * 1000), str(pe * 1000), ps_iso, pe_iso]
+                    args += (*named, mode, str(amount), str(ps * 1000), str(pe * 1000))
+                    args += (ps_iso, pe_iso, *rest)
                 else:
                     windows.append(None)
-                    period_args = ["0", "0", "", ""]
-                args += [
-                    asset.metric,
-                    asset.kind,
-                    mode,
-                    str(amount),
-                    *period_args,
-                    str(balances.index(asset.balance) + 1 if asset.balance else 0),
-                    str(len(asset.tiers)),
-                    asset.tier_flags,
-                    *asset.tier_args,
-                ]
-            for name in balances:
-                keys += self.keys.balance(customer, name)
-            partition = self.keys.partition(customer)
+                    args += (*named, mode, str(amount), "0", "0", "", "", *rest)
+            keys += shape.asset_keys
             interval_ms = self.config.usage_report_interval
             window_start = now_ms - now_ms % interval_ms
-            keys += [
-                self.keys.usage_window(partition, window_start),
-                self.keys.usage_open(partition),
-                self.keys.closing(partition),
-                self.keys.holds(partition),
-            ]
-            args += [str(window_start), str(window_start + interval_ms)]
+            if shape.window[0] != window_start:
+                shape.window = (window_start, self.keys.usage_window(shape.partition, window_start))
+            keys.append(shape.window[1])
+            keys += shape.tail
+            args += (str(window_start), str(window_start + interval_ms))
             reply = yield Script("admit", tuple(keys), tuple(args))
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
@@ -524,7 +569,8 @@ class MeterCore:
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
-            leased = {m: v for m, (mode, v) in ops.items() if mode == "a" and plan[m].kind == "U"}
+            kinds = {a.metric: a.kind for a in assets}
+            leased = {m: v for m, (mode, v) in ops.items() if mode == "a" and kinds[m] == "U"}
             estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
             ticket = None
             if leased or estimated:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
@@ -35,12 +36,16 @@ class RedisReplyError(Exception):
     """Redis answered with an error reply (NOSCRIPT, a script error, WRONGTYPE...)."""
 
 
-def _encode(args: tuple[str | bytes, ...]) -> bytes:
+def _encode_py(args: tuple[str | bytes, ...]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else arg.encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+# hiredis encodes the request in C (about 3x faster for an admission's ~40 arguments).
+_encode: Callable[[tuple[str | bytes, ...]], bytes] = getattr(hiredis, "pack_command", _encode_py)
 
 
 class _Protocol(asyncio.Protocol):
@@ -49,10 +54,28 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.replies = 0  # replies received so far: progress, for the stall detector
+        # Requests of one event-loop iteration, sent together by one write (one system call,
+        # and Redis reads them in one go) when the iteration's callbacks are done.
+        self.outgoing: list[bytes] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport has the whole Transport API without subclassing asyncio.Transport
         self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self.outgoing:
+            assert self.loop is not None
+            self.loop.call_soon(self.flush)
+        self.outgoing.append(data)
+
+    def flush(self) -> None:
+        data, self.outgoing = self.outgoing, []
+        transport = self.transport
+        # A connection lost meanwhile fails the waiting calls itself (connection_lost).
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -176,7 +199,7 @@ class PipelinedConnection:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
-        transport.write(_encode(args))
+        protocol.write(_encode(args))
         if timeout is None:
             return await future
         ms = round(timeout * 1000)
