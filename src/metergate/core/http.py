@@ -7,6 +7,7 @@ body.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -183,6 +184,7 @@ def problem(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
