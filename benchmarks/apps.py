@@ -46,6 +46,32 @@ def starlette_metered() -> Any:
     return MeteringMiddleware(starlette_bare(), scenario.gateway_config(_redis()))
 
 
+class OneRoundTrip:
+    """The floor of any metering middleware: one PING on metergate's pipelined connection per request.
+
+    It decides nothing; what it costs is what asking Redis anything per request costs.
+    """
+
+    def __init__(self, app: Any, url: str) -> None:
+        from metergate.storage.pipelined import PipelinedConnection
+
+        self.app = app
+        self.conn = PipelinedConnection(url)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.conn.call("PING", timeout=1.0)
+        await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        await self.conn.aclose()
+
+
+def starlette_roundtrip() -> Any:
+    """The bare app behind `OneRoundTrip`: the floor MeteringMiddleware is measured against."""
+    return OneRoundTrip(starlette_bare(), _redis())
+
+
 def starlette_slowapi() -> Starlette:
     """The Starlette app rate limited per API key by slowapi + limits on the same Redis."""
     from slowapi import Limiter, _rate_limit_exceeded_handler

@@ -86,7 +86,7 @@ def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Serv
 
     if "asgi" in sections or "proxy" in sections:
         for loop in LOOPS if "asgi" in sections else ("uvloop",):
-            for app in ("bare", "metered", "slowapi"):
+            for app in ("bare", "metered", "slowapi", "roundtrip"):
                 if app != "bare" and "asgi" not in sections:
                     continue
                 add(
@@ -97,11 +97,16 @@ def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Serv
             for loop in LOOPS:
                 groups[f"asgi-{loop}"] = {
                     "baseline": f"starlette-bare@{loop}",
-                    "variants": [f"starlette-metered@{loop}", f"starlette-slowapi@{loop}"],
+                    "variants": [
+                        f"starlette-metered@{loop}",
+                        f"starlette-slowapi@{loop}",
+                        f"starlette-roundtrip@{loop}",
+                    ],
                     "labels": {
                         f"starlette-bare@{loop}": "bare Starlette",
                         f"starlette-metered@{loop}": "MeteringMiddleware",
                         f"starlette-slowapi@{loop}": "slowapi + limits (Redis)",
+                        f"starlette-roundtrip@{loop}": "floor: one pipelined PING per request",
                     },
                 }
     if "wsgi" in sections:

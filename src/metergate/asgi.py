@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -79,6 +80,7 @@ class MeteringMiddleware:
         embedded = self.config.storage.url.startswith("memory://")
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
         self._keys = KeyCache()
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
@@ -127,9 +129,9 @@ class MeteringMiddleware:
             return
         started = time.perf_counter()
         try:
-            # asyncio.timeout, unlike wait_for, does not wrap the call in a new Task
-            async with asyncio.timeout(self.timeout_s):
-                decision = await self._admit(planned)
+            # Every storage call is bounded by `storage.timeout_ms` on its own (the pipelined
+            # connection's timer, the client's socket timeout), so no timer wraps the whole.
+            decision = await self._admit(planned)
         except (StorageUnavailable, TimeoutError):
             STORAGE_ERRORS.inc()
             await self._storage_failed(scope, receive, send, planned, None)
@@ -151,7 +153,7 @@ class MeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
-        await self._forward(scope, receive, send, fields, settle)
+        await self._forward(scope, receive, send, fields, settle, read_headers=ticket is not None)
 
     async def _admit(self, planned: Admission) -> Decision:
         route = planned.route
@@ -176,6 +178,21 @@ class MeteringMiddleware:
         cached = self._keys.get(key, now)
         if cached is not None:
             return cached
+        # One lookup per key at a time: when a remembered key expires under load, the requests
+        # arriving meanwhile wait for that lookup instead of each sending their own.
+        pending = self._lookups.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(key, now))
+            self._lookups[key] = pending
+            pending.add_done_callback(functools.partial(self._lookup_done, key))
+        return await asyncio.shield(pending)
+
+    def _lookup_done(self, key: str, future: asyncio.Future[str | None]) -> None:
+        self._lookups.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure nobody waited for is not logged as lost
+
+    async def _lookup(self, key: str, now: float) -> str | None:
         async with asyncio.timeout(self.timeout_s):
             customer = await self.meter.customer_for_key(key)
         if customer is not None:
@@ -189,8 +206,13 @@ class MeteringMiddleware:
         send: Send,
         fields: list[tuple[str, str]],
         on_end: OnEnd,
+        *,
+        read_headers: bool = True,
     ) -> None:
-        """Run the app with our fields added; `on_end` runs once, however the response ends."""
+        """Run the app with our fields added; `on_end` runs once, however the response ends.
+
+        `on_end` gets the response's header fields (lowercased) when `read_headers`, else none.
+        """
         added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
         ended = False
@@ -204,8 +226,9 @@ class MeteringMiddleware:
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 # The app's own headers stay untouched; ours are appended.
-                for k, v in message.get("headers", ()):
-                    response_headers[k.decode("latin-1").lower()] = v.decode("latin-1")
+                if read_headers:
+                    for k, v in message.get("headers", ()):
+                        response_headers[k.decode("latin-1").lower()] = v.decode("latin-1")
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Settle before the last bytes leave: a client that has read the whole response
