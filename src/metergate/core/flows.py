@@ -643,12 +643,31 @@ class MeterCore:
         return (yield from self.usage(customer, metric))
 
     def ledger(self, customer: str, limit: int = 100) -> Flow[list[dict[str, Any]]]:
-        """Return the customer's balance mutations, newest first."""
+        """Return the customer's balance mutations, newest first.
+
+        Usage charges appear as one `usage` line per balance and usage report window, with the
+        number of charges in `count`; a window still open is read from its balance.
+        """
         check_amount(limit, "limit", positive=True)
-        rows = yield Command(
-            ("LRANGE", self.keys.ledger(customer), "0", str(min(limit, LEDGER_LIMIT) - 1))
+        count = min(limit, LEDGER_LIMIT)
+        rows, fields = yield Batch(
+            (
+                ("LRANGE", self.keys.ledger(customer), "0", str(count - 1)),
+                ("HGETALL", self.keys.customer(customer)),
+            )
         )
-        return [json.loads(row) for row in rows]
+        entries = [json.loads(row) for row in rows]
+        names = sorted(f[3:] for f in fields or {} if f.startswith("lu:"))
+        if names:
+            pending = yield Batch(
+                tuple(
+                    ("HMGET", self.keys.balance(customer, name)[0], *_USAGE_LINE) for name in names
+                )
+            )
+            for name, line in zip(names, pending, strict=True):
+                if line[0] is not None:
+                    _insert_by_time(entries, _usage_line(name, line))
+        return entries[:count]
 
     # -- balances --------------------------------------------------------------------------
 
@@ -780,6 +799,34 @@ class MeterCore:
         if status != "200":
             raise Conflict(slug, _PROBLEM_DETAIL.get(slug, slug), status=int(status), state=state)
         return state
+
+
+_USAGE_LINE = ("uw", "ud", "un", "ut", "ua", "uh")
+
+
+def _usage_line(balance: str, fields: list[str]) -> dict[str, Any]:
+    """The ledger line of a usage window still open in a balance hash (see lib.lua flush_usage)."""
+    window, delta, count, at, amount, held = (int(f) for f in fields)
+    return {
+        "op": f"usage:{window}",
+        "kind": "usage",
+        "balance": balance,
+        "delta": delta,
+        "amount": amount,
+        "held": held,
+        "time": at,
+        "count": count,
+        "window": window,
+    }
+
+
+def _insert_by_time(entries: list[dict[str, Any]], line: dict[str, Any]) -> None:
+    """Put `line` before the first entry not newer than it, keeping the stored order otherwise."""
+    for i, entry in enumerate(entries):
+        if entry["time"] <= line["time"]:
+            entries.insert(i, line)
+            return
+    entries.append(line)
 
 
 def _empty_balance(reply: list[str | int], n: int, m: int) -> bool:

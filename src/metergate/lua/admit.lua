@@ -40,8 +40,6 @@ if not ttl or not hold_exp or not lease_exp or not n or not m or n < 1 or m < 0 
   return bad('header', 'ttl, expiries and counts must be integers, with at least one asset')
 end
 local outbox, cust_key, ledger_key = KEYS[2], KEYS[3], KEYS[4]
-local op_ref = op_id
-if op_ref == '' then op_ref = rid end
 
 -- An empty operation id means the caller will never retry: no record is kept or read.
 if op_id ~= '' then
@@ -309,10 +307,11 @@ for i = 1, n do
 end
 for j = 1, m do
   local b = bal[j]
-  local h = redis.call('HMGET', b.key, 'amt', 'held', 'ovg', 'susp', 'low')
+  local h = redis.call('HMGET', b.key, 'amt', 'held', 'ovg', 'susp', 'low', 'uw', 'ud', 'un')
   b.exists = h[1] ~= false
   b.amt, b.held, b.ovg = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3] or '0')
   b.susp, b.low = h[4] == '1', h[5]
+  b.uw, b.ud, b.un = h[6], tonumber(h[7] or '0'), tonumber(h[8] or '0')
   -- held > 0 exactly when holds are open; only then can one have expired
   if b.held > 0 then
     local was = b.held
@@ -515,20 +514,33 @@ if status == '200' then
       if redis.call('ZREM', b.xkey, rid) == 1 then
         b.held = b.held - tonumber(redis.call('HGET', b.key, 'h:' .. rid) or '0')
         redis.call('HSET', b.key, 'held', fmt(b.held))
-        if b.charge == 0 then ledger(ledger_key, now, rid, 'settle', b.name, 0, b.amt, b.held) end
+        if b.charge == 0 then
+          ledger(ledger_key, b.key, now, rid, 'settle', b.name, 0, b.amt, b.held)
+        end
       end
       redis.call('HDEL', b.key, 'h:' .. rid)
     end
     if b.exists and (b.charge > 0 or b.hold > 0) then
       b.amt, b.held = b.amt - b.charge, b.held + b.hold
-      redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held))
       if b.charge > 0 then
-        ledger(ledger_key, now, op_ref, 'usage', b.name, -b.charge, b.amt, b.held)
+        -- the charge joins the balance's usage line of this window (see flush_usage)
+        local ws = fmt(uw_start)
+        if b.uw ~= ws then
+          if b.uw then flush_usage(ledger_key, b.key, b.name) end
+          b.ud, b.un = 0, 0
+          -- readers find the balances with a usage line still open here
+          redis.call('HSET', cust_key, 'lu:' .. b.name, ws)
+        end
+        b.ud, b.un = b.ud - b.charge, b.un + 1
+        redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held), 'uw', ws,
+          'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now), 'ua', fmt(b.amt), 'uh', fmt(b.held))
+      else
+        redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held))
       end
       if b.hold > 0 then
         redis.call('HSET', b.key, 'h:' .. rid, fmt(b.hold))
         redis.call('ZADD', b.xkey, hold_exp, rid)
-        ledger(ledger_key, now, rid, 'hold', b.name, 0, b.amt, b.held)
+        ledger(ledger_key, b.key, now, rid, 'hold', b.name, 0, b.amt, b.held)
       end
       balance_events(b.name, before, b.amt - b.held, b.ovg, b.low, outbox, cust_key, customer, now)
     end

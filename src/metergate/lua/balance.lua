@@ -44,7 +44,7 @@ local status, slug, moved = '200', '', 0
 if op == 'create' then
   if not exists then
     redis.call('HSET', bkey, 'amt', fmt(amount), 'held', '0', 'susp', '0')
-    ledger(ledger_key, now, op_id, 'initial', name, amount, amount, 0)
+    ledger(ledger_key, bkey, now, op_id, 'initial', name, amount, amount, 0)
     moved = amount
   end
   if not exists or ARGV[14] ~= '1' then
@@ -76,7 +76,7 @@ end
 if op == 'topup' then
   amt = amt + amount
   moved = amount
-  ledger(ledger_key, now, op_id, 'topup', name, amount, amt, held)
+  ledger(ledger_key, bkey, now, op_id, 'topup', name, amount, amt, held)
   emit(outbox, cust_key, customer, now, 'balance.topped_up',
     {{'balance', name, 's'}, {'amount', amount, 'i'}, {'balance_after', amt, 'i'}})
 elseif op == 'withdraw' then
@@ -86,7 +86,7 @@ elseif op == 'withdraw' then
   else
     amt = amt - amount
     moved = amount
-    ledger(ledger_key, now, op_id, 'withdraw', name, -amount, amt, held)
+    ledger(ledger_key, bkey, now, op_id, 'withdraw', name, -amount, amt, held)
     emit(outbox, cust_key, customer, now, 'balance.withdrawn',
       {{'balance', name, 's'}, {'amount', amount, 'i'}, {'balance_after', amt, 'i'}})
   end
@@ -97,7 +97,7 @@ elseif op == 'suspend' or op == 'resume' then
     local flag = '0'
     if want then flag = '1' end
     redis.call('HSET', bkey, 'susp', flag)
-    ledger(ledger_key, now, op_id, op, name, 0, amt, held)
+    ledger(ledger_key, bkey, now, op_id, op, name, 0, amt, held)
     local etype = 'balance.resumed'
     if want then etype = 'balance.suspended' end
     emit(outbox, cust_key, customer, now, etype, {{'balance', name, 's'}})
@@ -115,7 +115,7 @@ elseif op == 'reserve' then
     moved = amount
     redis.call('HSET', bkey, 'h:' .. rid, fmt(amount))
     redis.call('ZADD', bxkey, expiry, rid)
-    ledger(ledger_key, now, rid, 'hold', name, 0, amt, held)
+    ledger(ledger_key, bkey, now, rid, 'hold', name, 0, amt, held)
   end
 elseif op == 'commit' then
   local h = close_hold()
@@ -124,7 +124,7 @@ elseif op == 'commit' then
   else
     amt = amt - amount
     moved = amount
-    ledger(ledger_key, now, op_id, 'commit', name, -amount, amt, held)
+    ledger(ledger_key, bkey, now, op_id, 'commit', name, -amount, amt, held)
   end
 elseif op == 'release' then
   local h = close_hold()
@@ -132,7 +132,7 @@ elseif op == 'release' then
     status, slug = '409', 'reservation-closed'
   else
     moved = h
-    ledger(ledger_key, now, op_id, 'release', name, 0, amt, held)
+    ledger(ledger_key, bkey, now, op_id, 'release', name, 0, amt, held)
   end
 end
 

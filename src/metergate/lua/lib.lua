@@ -88,13 +88,31 @@ local function iso_utc(ms)
     math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
 end
 
--- One ledger line; the field names and kinds are fixed, so a format string builds it.
-local function ledger(ledger_key, now, op, kind, balance, delta, amount, held)
-  local length = redis.call('LPUSH', ledger_key, string.format(
-    '{"op":%s,"kind":"%s","balance":%s,"delta":%s,"amount":%s,"held":%s,"time":%s}',
-    cjson.encode(op), kind, cjson.encode(balance), fmt(delta), fmt(amount), fmt(held), fmt(now)))
+local function push_line(ledger_key, line)
+  local length = redis.call('LPUSH', ledger_key, line)
   -- trimmed in batches of 100, not on every entry
   if length > 10100 then redis.call('LTRIM', ledger_key, 0, 9999) end
+end
+
+-- Usage charges add up per usage report window in the balance hash (uw window start ms, ud delta,
+-- un count, ut time, ua amount and uh held after the last charge) and become one ledger line of
+-- kind `usage` when the window changes or before any other line of the balance: one line per
+-- window instead of one per request, and the sum of the deltas is the same.
+local function flush_usage(ledger_key, bkey, name)
+  local u = redis.call('HMGET', bkey, 'uw', 'ud', 'un', 'ut', 'ua', 'uh')
+  if not u[1] then return end
+  push_line(ledger_key, string.format(
+    '{"op":"usage:%s","kind":"usage","balance":%s,"delta":%s,"amount":%s,"held":%s,"time":%s,'
+    .. '"count":%s,"window":%s}', u[1], cjson.encode(name), u[2], u[5], u[6], u[4], u[3], u[1]))
+  redis.call('HDEL', bkey, 'uw', 'ud', 'un', 'ut', 'ua', 'uh')
+end
+
+-- One ledger line of a balance (after its pending usage line); a format string builds it.
+local function ledger(ledger_key, bkey, now, op, kind, balance, delta, amount, held)
+  flush_usage(ledger_key, bkey, balance)
+  push_line(ledger_key, string.format(
+    '{"op":%s,"kind":"%s","balance":%s,"delta":%s,"amount":%s,"held":%s,"time":%s}',
+    cjson.encode(op), kind, cjson.encode(balance), fmt(delta), fmt(amount), fmt(held), fmt(now)))
 end
 
 -- Release every hold on a balance whose expiry has passed, exactly once (ZREM decides who won),
@@ -109,7 +127,7 @@ local function expire_holds(bkey, bxkey, name, now, outbox, cust_key, customer, 
       redis.call('HDEL', bkey, 'h:' .. rid)
       held = held - amount
       redis.call('HSET', bkey, 'held', fmt(held))
-      ledger(ledger_key, now, rid, 'expire', name, 0, hint(bkey, 'amt'), held)
+      ledger(ledger_key, bkey, now, rid, 'expire', name, 0, hint(bkey, 'amt'), held)
       emit(outbox, cust_key, customer, now, 'reservation.expired',
         {{'balance', name, 's'}, {'reservation', rid, 's'}, {'amount', amount, 'i'}})
     end
