@@ -122,7 +122,9 @@ class _Shape:
     ]  # (metric, kind), (bi, nt, flags, tiers)
     tail: tuple[str, ...]  # open usage windows, closing, holds index
     partition: int
-    window: tuple[int, str] = (-1, "")  # the last usage window start and its key
+    counts: tuple[str, ...]  # asset count, balance count, balance names
+    leases: frozenset[str]  # the UpDownCounter metrics, whose admissions take a lease
+    window: tuple[int, str, tuple[str, ...]] = (-1, "", ())  # usage window: start, key, args
 
 
 @dataclass(slots=True)
@@ -133,16 +135,18 @@ class Entitlement:
     anchor: datetime | None
     timezone: str
     version: str
-    windows: dict[str, tuple[int, int, str, str]] = field(default_factory=dict)
+    windows: dict[str, tuple[int, int, tuple[str, ...]]] = field(default_factory=dict)
     shapes: dict[tuple[str, tuple[str, ...]], _Shape] = field(default_factory=dict)
 
-    def window(self, period: str, now_s: float) -> tuple[int, int, str, str]:
-        """Return (start, end, start RFC 3339, end RFC 3339) of the period containing `now_s`."""
+    def window(self, period: str, now_s: float) -> tuple[int, int, tuple[str, ...]]:
+        """Return the start and end (epoch s) of the period containing `now_s`, and the script
+        arguments naming it: start and end in epoch ms, then in RFC 3339."""
         cached = self.windows.get(period)
         if cached is not None and cached[0] <= now_s < cached[1]:
             return cached
         start, end = period_window(period, now_s, anchor=self.anchor, timezone=self.timezone)  # type: ignore[arg-type]
-        window = (start, end, _iso(start), _iso(end))
+        args = (str(start * 1000), str(end * 1000), _iso(start), _iso(end))
+        window = (start, end, args)
         self.windows[period] = window
         return window
 
@@ -470,6 +474,8 @@ class MeterCore:
                 self.keys.holds(partition),
             ),
             partition=partition,
+            counts=(str(len(assets)), str(len(balances)), *balances),
+            leases=frozenset(a.metric for a in assets if a.kind == "U"),
         )
 
     def _metric_kind(self, metric: str) -> str:
@@ -491,7 +497,8 @@ class MeterCore:
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
     ) -> Flow[Decision]:
-        yield from self.bootstrap()
+        if not self._bootstrapped:
+            yield from self.bootstrap()
         if op_id is None:
             # Without a key the caller will not retry, and the script keeps no operation record.
             op_id = f"k:{idempotency_key}" if idempotency_key else ""
@@ -503,7 +510,9 @@ class MeterCore:
                 "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items())) if op_id else ""
             )
         for _attempt in range(3):
-            ent = yield from self.entitlement(customer)
+            ent = self._entitlements.get(customer)
+            if ent is None:
+                ent = yield from self.entitlement(customer)
             if ent is None:
                 return Decision(
                     False, 401, "unauthenticated", customer, detail=f"unknown customer '{customer}'"
@@ -539,18 +548,15 @@ class MeterCore:
                 hold_id,
                 str(now_ms + hold_ttl_ms),
                 str(now_ms + (lease_ttl_ms or self.default_lease_ms)),
-                str(len(assets)),
-                str(len(balances)),
-                *balances,
+                *shape.counts,
             ]
             windows: list[tuple[int, int] | None] = []
             for asset, (named, rest) in zip(assets, shape.asset_args, strict=True):
                 mode, amount = ops[asset.metric]
                 if asset.period:
-                    ps, pe, ps_iso, pe_iso = ent.window(asset.period, now_s)
+                    ps, pe, period_args = ent.window(asset.period, now_s)
                     windows.append((ps, pe))
-                    args += (*named, mode, str(amount), str(ps * 1000), str(pe * 1000))
-                    args += (ps_iso, pe_iso, *rest)
+                    args += (*named, mode, str(amount), *period_args, *rest)
                 else:
                     windows.append(None)
                     args += (*named, mode, str(amount), "0", "0", "", "", *rest)
@@ -558,10 +564,14 @@ class MeterCore:
             interval_ms = self.config.usage_report_interval
             window_start = now_ms - now_ms % interval_ms
             if shape.window[0] != window_start:
-                shape.window = (window_start, self.keys.usage_window(shape.partition, window_start))
+                shape.window = (
+                    window_start,
+                    self.keys.usage_window(shape.partition, window_start),
+                    (str(window_start), str(window_start + interval_ms)),
+                )
             keys.append(shape.window[1])
             keys += shape.tail
-            args += (str(window_start), str(window_start + interval_ms))
+            args += shape.window[2]
             reply = yield Script("admit", tuple(keys), tuple(args))
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
@@ -569,10 +579,9 @@ class MeterCore:
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
-            kinds = {a.metric: a.kind for a in assets}
-            leased = {m: v for m, (mode, v) in ops.items() if mode == "a" and kinds[m] == "U"}
-            estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
             ticket = None
+            leased = {m: ops[m][1] for m in shape.leases if ops[m][0] == "a"}
+            estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
             if leased or estimated:
                 ticket = Ticket(customer, plan_name or ent.plan, hold_id, estimated, leased)
             return _decision(customer, assets, windows, balances, reply, now_s, ticket)
@@ -605,7 +614,7 @@ class MeterCore:
         stored_ps, value, pending, level, overage = (int(x) for x in reply[:5])
         window = None
         if asset.period:
-            ps, pe, _, _ = ent.window(asset.period, now_s)
+            ps, pe, _ = ent.window(asset.period, now_s)
             window = (ps, pe)
             if asset.kind in "CT" and stored_ps < ps * 1000:
                 value, level, overage = 0, 0, 0
