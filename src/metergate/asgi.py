@@ -303,6 +303,9 @@ class MeteringMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
+                if self._settling:
+                    # settlements of responses that just ended, before their connection closes
+                    await asyncio.wait(set(self._settling), timeout=SHUTDOWN_DRAIN_S)
                 if self._deferred:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._drain(), SHUTDOWN_DRAIN_S)

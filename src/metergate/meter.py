@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from metergate.config import BalanceConfig, CustomerConfig, GatewayConfig, load_config, parse_config
-from metergate.core.errors import InvalidAmount
+from metergate.core.errors import InvalidAmount, StorageUnavailable
 from metergate.core.flows import Flow, MeterCore
 from metergate.core.model import AssetUsage, BalanceState, Decision, Ticket
 from metergate.storage import AsyncStorage, SyncStorage, open_async, open_sync
@@ -227,8 +227,14 @@ class AsyncMeter:
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_async(self.config.storage)
         self._bootstrap_lock = asyncio.Lock()
+        self._closed = False
 
     async def _drive(self, flow: Flow[T]) -> T:
+        if self._closed:
+            # A call after aclose (a settlement finishing during shutdown, say) would open a
+            # connection nobody closes.
+            flow.close()
+            raise StorageUnavailable("this meter is closed")
         if not self.core.bootstrapped:
             # one task loads the configured customers; the others wait instead of repeating it
             async with self._bootstrap_lock:
@@ -375,7 +381,8 @@ class AsyncMeter:
         return await self._drive(self.core.add_api_key(customer, api_key))
 
     async def aclose(self) -> None:
-        """Close the storage connections."""
+        """Close the storage connections; later calls raise StorageUnavailable."""
+        self._closed = True
         await self.storage.aclose()
 
     async def __aenter__(self) -> AsyncMeter:
