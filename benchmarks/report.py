@@ -95,6 +95,35 @@ def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:+,.0f} us"
 
 
+README_START = "<!-- benchmarks: written by benchmarks/run.py from its latest full run -->"
+README_END = "<!-- benchmarks: end -->"
+
+
+def readme_block(results: dict[str, Any]) -> str:
+    """The summary the README shows: when, on what, and the targets table."""
+    m = results["machine"]
+    lines = [
+        README_START,
+        f"Latest full run: {results['date'][:10]}, {m['cpu_model']}, {m['cores']} cores,"
+        f" Python {m['python']}, redis-server {m['redis_server']} (server, Redis and wrk share"
+        " the cores). Medians of paired ratios; every table is in `benchmarks/RESULTS.md`.",
+        "",
+        "| target | wanted | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for t in results["targets"]:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['name']} | {t['wanted']} | {t['measured']} | {met} |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def publish_readme(readme: str, results: dict[str, Any]) -> str:
+    """Return the README with its benchmark block replaced by this run's."""
+    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
+    return readme[:start] + readme_block(results) + readme[end:]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Render the results as a markdown report."""
     m = results["machine"]

@@ -404,7 +404,9 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument("--customers", type=int, help="customers for the memory section")
     parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to N s for load < 1")
-    parser.add_argument("--no-publish", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--no-publish", action="store_true", help="do not update RESULTS.md and the README"
+    )
     args = parser.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
@@ -514,6 +516,8 @@ def finish(
     (out_dir / "latest.md").write_text(text)
     if not results["quick"] and not args.no_publish and set(SECTIONS) <= args.sections:
         (HERE / "RESULTS.md").write_text(text)
+        readme = HERE.parent / "README.md"
+        readme.write_text(report.publish_readme(readme.read_text(), results))
     print(text)
 
 
