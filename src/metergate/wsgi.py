@@ -42,9 +42,63 @@ def _headers(environ: Environ) -> dict[str, str]:
     return out
 
 
+# Field name -> the environ keys that may hold it, in order. The names asked for come from the
+# config (identity, cost and Idempotency-Key fields), so this stays small.
+_ENVIRON_KEYS: dict[str, tuple[str, ...]] = {
+    "content-type": ("CONTENT_TYPE", "HTTP_CONTENT_TYPE"),
+    "content-length": ("CONTENT_LENGTH", "HTTP_CONTENT_LENGTH"),
+}
+
+
+def _environ_keys(name: str) -> tuple[str, ...]:
+    keys = _ENVIRON_KEYS.get(name)
+    if keys is None:
+        # "_" in an environ key stands for "-": a field name with "_" has no environ key.
+        keys = () if "_" in name else ("HTTP_" + name.upper().replace("-", "_"),)
+        _ENVIRON_KEYS[name] = keys
+    return keys
+
+
+class _Headers(Mapping[str, str]):
+    """The request's header fields by lower-case name, read from the environ when asked.
+
+    A request carries a dozen fields and metering reads two or three: looking them up costs
+    less than copying them all.
+    """
+
+    __slots__ = ("_environ",)
+
+    def __init__(self, environ: Environ) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: Any = None) -> Any:
+        environ = self._environ
+        for key in _ENVIRON_KEYS.get(name) or _environ_keys(name):
+            if key in environ:
+                return environ[key]
+        return default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_headers(self._environ))
+
+    def __len__(self) -> int:
+        return len(_headers(self._environ))
+
+
+_MISSING = object()
+
+
 def _path(environ: Environ) -> str:
     """The request path as ASGI sees it: SCRIPT_NAME + PATH_INFO, decoded as UTF-8."""
     raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if raw.isascii():
+        return raw or "/"  # the same in latin-1 and in UTF-8
     # PEP 3333 hands the path over as bytes decoded with latin-1; ASGI and the config use UTF-8.
     with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
         raw = raw.encode("latin-1").decode("utf-8")
@@ -131,7 +185,7 @@ class WSGIMeteringMiddleware:
         if not route.costs:
             return self.app(environ, start_response)
 
-        headers = _headers(environ)
+        headers = _Headers(environ)
         key = None if self.identify is not None else self.gate.key_of(headers)
         try:
             customer = self._customer(environ, key)
@@ -162,16 +216,20 @@ class WSGIMeteringMiddleware:
             self._drain(DRAIN_PER_REQUEST)
 
         ticket = decision.ticket
+        fields = ratelimit_fields(decision, self.clock())
+        if ticket is None:
+            # Nothing to settle when the response is over: the body is the app's own.
+            def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+                return start_response(status, [*headers, *fields], *args)
+
+            return self.app(environ, start_with_fields)
 
         def settle(response_headers: Mapping[str, str]) -> None:
-            if ticket is None:
-                return
             try:
                 self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
-        fields = ratelimit_fields(decision, self.clock())
         return self._forward(environ, start_response, fields, settle)
 
     def _admit(self, planned: Admission) -> Decision:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 import redis.asyncio
@@ -39,10 +40,20 @@ from redis.retry import Retry
 from metergate.config import StorageConfig
 from metergate.core.errors import InvalidAmount, StorageUnavailable
 from metergate.core.flows import Batch, Command, Script
+from metergate.storage.blocking import BlockingClient
 from metergate.storage.pipelined import PipelinedConnection, RedisReplyError
 from metergate.storage.scripts import load_script
 
 __all__ = ["AsyncStorage", "SyncStorage", "UnsafeStorage", "open_async", "open_sync"]
+
+# An error reply of the lean blocking client becomes what redis-py raises for it (the same class,
+# the same message), so that `_error` maps both clients' errors alike.
+try:
+    from redis._parsers.base import BaseParser
+
+    _reply_error: Callable[[str], Exception] = BaseParser.parse_error
+except ImportError:  # a redis-py without it: the error code stays in the message
+    _reply_error = redis.ResponseError
 
 logger = logging.getLogger("metergate")
 
@@ -171,10 +182,18 @@ def _async_options(config: StorageConfig) -> dict[str, Any]:
 
 
 class SyncStorage:
-    """Runs calls on a blocking client."""
+    """Runs calls on a blocking client; script calls on the lean blocking client when given one."""
 
-    def __init__(self, client: Any, *, eviction: str | None = None, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        blocking: BlockingClient | None = None,
+        *,
+        eviction: str | None = None,
+        cluster: bool = False,
+    ) -> None:
         self.client = client
+        self.blocking = blocking
         self.eviction = eviction
         self.cluster = cluster
         self._checked = eviction is None
@@ -205,6 +224,28 @@ class SyncStorage:
             self.client.script_load(script.source)
             return self.client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
 
+    @staticmethod
+    def _blocking_script(call: Script, conn: BlockingClient) -> Any:
+        script = load_script(call.name)
+        args: tuple[str | int, ...] = (
+            "EVALSHA",
+            script.sha,
+            len(call.keys),
+            *call.keys,
+            *call.args,
+        )
+        try:
+            return conn.call(*args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise _reply_error(str(exc)) from None
+        # NOSCRIPT: nothing ran, so loading and running once more cannot double-apply.
+        try:
+            conn.call("SCRIPT", "LOAD", script.source)
+            return conn.call(*args)
+        except RedisReplyError as exc:
+            raise _reply_error(str(exc)) from None
+
     def _commands(self, call: Command | Batch) -> Any:
         if isinstance(call, Command):
             return self.client.execute_command(*call.args)
@@ -219,6 +260,8 @@ class SyncStorage:
             if not self._checked:
                 self._check()
             if isinstance(call, Script):
+                if self.blocking is not None:
+                    return self._blocking_script(call, self.blocking)
                 return self._script(call)
             commands = (call.args,) if isinstance(call, Command) else call.commands
             try:
@@ -236,6 +279,8 @@ class SyncStorage:
 
     def close(self) -> None:
         """Close the connections."""
+        if self.blocking is not None:
+            self.blocking.close()
         self.client.close()
 
 
@@ -389,6 +434,14 @@ def open_sync(config: StorageConfig) -> SyncStorage:
         import fakeredis
 
         return SyncStorage(fakeredis.FakeRedis(server=_memory_server(url), decode_responses=True))
+    if url.startswith("redis://") and not urlparse(url).query:
+        # Script calls (the hot path) on lean connections, everything else on redis-py.
+        timeout = config.timeout_ms / 1000
+        return SyncStorage(
+            redis.Redis.from_url(url, **_sync_options(config)),
+            BlockingClient(url, timeout_s=timeout, connect_timeout_s=max(timeout, 1.0)),
+            eviction=config.eviction,
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         return SyncStorage(
             redis.Redis.from_url(url, **_sync_options(config)), eviction=config.eviction
