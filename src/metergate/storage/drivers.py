@@ -413,27 +413,13 @@ def _cluster_nodes(url: str) -> list[tuple[str, int]]:
     return nodes
 
 
-_memory_servers: dict[str, Any] = {}
-_memory_lock = threading.Lock()
-
-
-def _memory_server(url: str) -> Any:
-    import fakeredis
-
-    with _memory_lock:
-        server = _memory_servers.get(url)
-        if server is None:
-            server = _memory_servers[url] = fakeredis.FakeServer()
-        return server
-
-
 def open_sync(config: StorageConfig) -> SyncStorage:
     """Open a blocking driver for `storage.url`."""
     url = config.url
     if url.startswith("memory://"):
-        import fakeredis
+        from metergate.storage.embedded import open_memory_sync
 
-        return SyncStorage(fakeredis.FakeRedis(server=_memory_server(url), decode_responses=True))
+        return SyncStorage(open_memory_sync(url))
     if url.startswith("redis://") and not urlparse(url).query:
         # Script calls (the hot path) on lean connections, everything else on redis-py.
         timeout = config.timeout_ms / 1000
@@ -461,10 +447,9 @@ def open_async(config: StorageConfig) -> AsyncStorage:
     url = config.url
     timeout = config.timeout_ms / 1000
     if url.startswith("memory://"):
-        import fakeredis
+        from metergate.storage.embedded import open_memory_async
 
-        fake = fakeredis.FakeAsyncRedis(server=_memory_server(url), decode_responses=True)
-        return AsyncStorage(fake)
+        return AsyncStorage(open_memory_async(url))
     if url.startswith(("redis://", "rediss://")):
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, max_connections=64, timeout=max(timeout, 1.0), **_async_options(config)
