@@ -550,6 +550,8 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if owned:
+            api.meter.reopen()
         yield
         if owned:  # a meter handed in belongs to the caller, who closes it
             await api.meter.aclose()

@@ -302,6 +302,8 @@ class MeteringMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.meter.reopen()  # a lifespan may start again after a shutdown
             if message["type"] == "lifespan.shutdown.complete":
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes

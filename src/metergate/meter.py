@@ -381,9 +381,14 @@ class AsyncMeter:
         return await self._drive(self.core.add_api_key(customer, api_key))
 
     async def aclose(self) -> None:
-        """Close the storage connections; later calls raise StorageUnavailable."""
+        """Close the storage connections; later calls raise StorageUnavailable until `reopen`."""
         self._closed = True
         await self.storage.aclose()
+
+    def reopen(self) -> None:
+        """Accept calls again after `aclose` (an app whose lifespan starts again, as a test client's
+        does on every `with` block); connections open on the next call."""
+        self._closed = False
 
     async def __aenter__(self) -> AsyncMeter:
         return self

@@ -41,3 +41,19 @@ def test_a_closed_async_meter_refuses_calls_and_opens_no_connection(
 
     asyncio.run(main())
     probe.close()
+
+
+def test_a_reopened_async_meter_connects_again(redis_server: RedisProcess) -> None:
+    """`reopen` (an ASGI lifespan starting again) lets calls through on a fresh connection."""
+
+    redis_server.client().flushall()
+
+    async def main() -> None:
+        meter = AsyncMeter(with_storage(config(), redis_server.url))
+        assert (await meter.admit("c", {"calls": 1})).allowed
+        await meter.aclose()
+        meter.reopen()
+        assert (await meter.admit("c", {"calls": 1})).assets["calls"].value == 2
+        await meter.aclose()
+
+    asyncio.run(main())
