@@ -41,6 +41,7 @@ from metergate.config import StorageConfig
 from metergate.core.errors import InvalidAmount, StorageUnavailable
 from metergate.core.flows import Batch, Command, Script
 from metergate.storage.blocking import BlockingClient
+from metergate.storage.cluster import PipelinedCluster
 from metergate.storage.pipelined import PipelinedConnection, RedisReplyError
 from metergate.storage.scripts import load_script
 
@@ -290,7 +291,7 @@ class AsyncStorage:
     def __init__(
         self,
         client: Any,
-        pipelined: PipelinedConnection | None = None,
+        pipelined: PipelinedConnection | PipelinedCluster | None = None,
         timeout_s: float = 1.0,
         *,
         eviction: str | None = None,
@@ -322,7 +323,9 @@ class AsyncStorage:
             _judge(replies, str(self.eviction))
             self._checked = True
 
-    async def _pipelined_script(self, call: Script, conn: PipelinedConnection) -> Any:
+    async def _pipelined_script(
+        self, call: Script, conn: PipelinedConnection | PipelinedCluster
+    ) -> Any:
         script = load_script(call.name)
         args = ("EVALSHA", script.sha, str(len(call.keys)), *call.keys, *call.args)
         try:
@@ -355,7 +358,8 @@ class AsyncStorage:
 
     async def run(self, call: Script | Command | Batch) -> Any:
         """Run one script call, command or batch of commands and return its reply."""
-        if self._gate is None:
+        if self._gate is None or (self.pipelined is not None and isinstance(call, Script)):
+            # Script calls on the pipelined client take no pooled connection: nothing to wait for.
             return await self._run(call)
         try:
             async with asyncio.timeout(max(self.timeout_s, 1.0)):
@@ -473,8 +477,11 @@ def open_async(config: StorageConfig) -> AsyncStorage:
         cluster = RedisCluster(
             startup_nodes=nodes, max_connections=2 * CLUSTER_IN_FLIGHT, **_async_options(config)
         )
+        # Script calls (the hot path) on one pipelined connection per primary, routed by slot;
+        # everything else on redis-py's Cluster client.
         return AsyncStorage(
             cluster,
+            PipelinedCluster(_cluster_nodes(url), connect_timeout_s=max(timeout, 1.0)),
             timeout_s=timeout,
             eviction=config.eviction,
             cluster=True,
