@@ -255,8 +255,7 @@ def markdown(results: dict[str, Any]) -> str:
             + (
                 f", operation record {b['operation_record']} bytes" if b["operation_record"] else ""
             ),
-            f"- the ledger gains {mem['ledger_bytes_per_entry']:,.0f} bytes per priced admission,"
-            f" up to 10,000 entries: {mem['ledger_bytes_at_cap_per_customer']:,} bytes per"
-            " customer at the cap",
+            f"- the ledger gains {mem['ledger_bytes_per_entry']:,.0f} bytes per priced admission"
+            " (charges of one usage window share one line)",
         ]
     return "\n".join(lines) + "\n"
