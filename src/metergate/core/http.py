@@ -189,23 +189,31 @@ def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=4096)
+def _policy_item(name: str, limit: int, window: int | None) -> str:
+    """One RateLimit-Policy item; its parts change only with the plan or the period."""
+    item = f"{_sf_string(name)};q={limit}"
+    return item if window is None else f"{item};w={window}"
+
+
 def ratelimit_fields(decision: Decision, now_s: float) -> list[tuple[str, str]]:
     """Return RateLimit-Policy, RateLimit, Metergate-Level and Metergate-Balance for a decision."""
     policies: list[str] = []
     limits: list[str] = []
     for metric, usage in decision.assets.items():
         if usage.limit is not None:
-            item = f"{_sf_string(metric)};q={usage.limit}"
-            state = f"{_sf_string(metric)};r={usage.remaining or 0}"
-            if usage.period_start is not None and usage.period_end is not None:
-                item += f";w={usage.period_end - usage.period_start}"
-                state += f";t={max(0, math.ceil(usage.period_end - now_s))}"
-            policies.append(item)
-            limits.append(state)
+            start, end = usage.period_start, usage.period_end
+            if start is not None and end is not None:
+                policies.append(_policy_item(metric, usage.limit, end - start))
+                reset = max(0, math.ceil(end - now_s))
+                limits.append(f"{_sf_string(metric)};r={usage.remaining or 0};t={reset}")
+            else:
+                policies.append(_policy_item(metric, usage.limit, None))
+                limits.append(f"{_sf_string(metric)};r={usage.remaining or 0}")
         if usage.throttle is not None:
-            name = _sf_string(f"{metric}-throttle")
-            policies.append(f"{name};q={usage.throttle.limit};w={usage.throttle.per_s}")
-            limits.append(f"{name};r={usage.throttle.remaining}")
+            name = f"{metric}-throttle"
+            policies.append(_policy_item(name, usage.throttle.limit, usage.throttle.per_s))
+            limits.append(f"{_sf_string(name)};r={usage.throttle.remaining}")
     fields: list[tuple[str, str]] = []
     if policies:
         fields.append(("ratelimit-policy", ", ".join(policies)))
