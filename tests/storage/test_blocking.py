@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import redis
+from tests.storage.credits import config
 
-from conftest import RedisProcess
+from conftest import RedisProcess, with_storage
 from metergate import InvalidAmount, Meter, StorageUnavailable
 from metergate.config import StorageConfig
 from metergate.core.flows import Command, Script
@@ -390,29 +391,7 @@ def test_a_meter_admits_through_the_lean_client_after_a_script_flush(
 ) -> None:
     """Admissions of a Meter on redis:// run on the lean client, survive a SCRIPT FLUSH and are
     counted once each."""
-    spec = {
-        "storage": {"url": flushed.url, "timeout_ms": 2000},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "balance": "credits",
-                        "tiers": [
-                            {
-                                "from": 0,
-                                "level": "Normal",
-                                "policy": "NotifyOnly",
-                                "price": {"per_unit": 1},
-                            }
-                        ],
-                    }
-                }
-            }
-        },
-        "customers": {"c": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 10}}}},
-    }
+    spec = with_storage(config(amount=10), flushed.url)
     with Meter(spec) as meter:
         assert meter.storage.blocking is not None
         assert meter.admit("c", {"calls": 1}, "one").allowed

@@ -39,21 +39,10 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 from metergate.core.errors import StorageUnavailable
-from metergate.storage.pipelined import RedisReplyError
+from metergate.storage.pipelined import RedisReplyError, pack
 
 __all__ = ["BlockingClient", "RedisReplyError"]
 
-
-def _encode(args: tuple[str | bytes | int, ...]) -> bytes:
-    """RESP-encode one command (the fallback of hiredis versions without `pack_command`)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-_pack: Any = getattr(hiredis, "pack_command", None) or _encode
 
 # The kernel's timeouts on a blocking socket: one system call per send and per receive.
 _KERNEL_TIMEOUTS = sys.platform.startswith(("linux", "darwin")) and hasattr(socket, "SO_RCVTIMEO")
@@ -169,7 +158,7 @@ class BlockingClient:
             if self.db:
                 setup.append(("SELECT", str(self.db)))
             for command in setup:
-                reply = self._exchange(conn, _pack(command), self.connect_timeout_s)
+                reply = self._exchange(conn, pack(command), self.connect_timeout_s)
                 if isinstance(reply, hiredis.ReplyError):
                     conn.close()
                     raise StorageUnavailable(f"Redis at {where} refused us: {reply}")
@@ -247,7 +236,7 @@ class BlockingClient:
 
         A network failure or a timeout raises StorageUnavailable: the outcome is unknown.
         """
-        data = _pack(args)
+        data = pack(args)
         idle = self._idle
         generation = self._generation
         while True:

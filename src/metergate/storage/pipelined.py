@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
@@ -29,23 +28,16 @@ import hiredis
 
 from metergate.core.errors import StorageUnavailable
 
-__all__ = ["PipelinedConnection", "RedisReplyError"]
+__all__ = ["PipelinedConnection", "RedisReplyError", "pack"]
+
+
+def pack(args: tuple[str | bytes | int, ...]) -> bytes:
+    """RESP-encode one command, in C (hiredis's type stub declares a 1-tuple, hence the cast)."""
+    return hiredis.pack_command(cast(Any, args))  # type: ignore[no-any-return]
 
 
 class RedisReplyError(Exception):
     """Redis answered with an error reply (NOSCRIPT, a script error, WRONGTYPE...)."""
-
-
-def _encode_py(args: tuple[str | bytes, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-# hiredis encodes the request in C (about 3x faster for an admission's ~40 arguments).
-_encode: Callable[[tuple[str | bytes, ...]], bytes] = getattr(hiredis, "pack_command", _encode_py)
 
 
 class _Protocol(asyncio.Protocol):
@@ -199,7 +191,7 @@ class PipelinedConnection:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
-        protocol.write(_encode(args))
+        protocol.write(pack(args))
         if timeout is None:
             return await future
         ms = round(timeout * 1000)
