@@ -11,7 +11,8 @@
 -- KEYS: 1 window hash, 2 open windows zset (member window start ms, score window end ms),
 --       3 reported windows zset (member and score window start ms), 4 partition outbox,
 --       5 carry window hash (the window late usage moves to),
---       then one customer hash per pair (mode 'pairs').
+--       then one customer hash per pair (mode 'pairs'),
+--       then per pair its hourly and its daily usage history hash (mode 'pairs').
 -- ARGV: 1 now (epoch ms), 2 window start ms, 3 window end ms, 4 carry window start ms,
 --       5 carry window end ms, 6 reported-set retention ms, 7 mode ('pairs' | 'finish'),
 --       8 pair count k, then k times: customer, metric.
@@ -29,6 +30,23 @@ if not (now and ws and we and cws and cwe and keep and k) then
   return bad('arguments', 'not integers')
 end
 local win, open, done, outbox, carry = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+
+-- The dashboard's usage history: units per bucket (hour or UTC day) of one asset in a small hash
+-- (field: bucket number since the epoch), keeping the last `keep` buckets; field `lo` is the
+-- oldest bucket that may still be there, so trimming deletes each old field once.
+local function add_history(key, bucket, keep, bucket_ms, units)
+  local lo = tonumber(redis.call('HGET', key, 'lo') or '') or bucket
+  local cut = bucket - keep
+  if cut - lo >= keep then
+    -- nothing was added for longer than the history keeps: every field is older than `cut`
+    redis.call('DEL', key)
+  else
+    for b = lo, cut do redis.call('HDEL', key, fmt(b)) end
+  end
+  redis.call('HINCRBY', key, fmt(bucket), units)
+  redis.call('HSET', key, 'lo', fmt(math.max(math.min(lo, bucket), cut + 1)))
+  redis.call('PEXPIRE', key, keep * bucket_ms)
+end
 
 local function carry_fields(prefix_fields)
   -- prefix_fields: list of {field, value}; moves q/o/c sums and the period start to the carry window
@@ -98,6 +116,11 @@ for i = 1, k do
           {'period_start', ps and iso_utc(ps) or '', 's'}})
       emitted = emitted + 1
       redis.call('HSET', win, 'r' .. US .. pair, '1')
+      local units = tonumber(h[1] or '0')
+      if units > 0 then
+        add_history(KEYS[5 + k + 2 * i - 1], math.floor(ws / 3600000), 48, 3600000, units)
+        add_history(KEYS[5 + k + 2 * i], math.floor(ws / 86400000), 62, 86400000, units)
+      end
     end
     redis.call('HDEL', win, 'q' .. US .. pair, 'o' .. US .. pair, 'c' .. US .. pair,
       'p' .. US .. pair)

@@ -15,6 +15,7 @@ import redis
 
 from metergate.core.errors import StorageUnavailable
 from metergate.core.flows import Script
+from metergate.core.history import history_keys
 from metergate.core.keys import Keys
 from metergate.storage import AsyncStorage
 from metergate.worker.keys import WorkerKeys
@@ -127,6 +128,8 @@ class UsageReporter:
         for customer, metric in pairs or []:
             keys.append(self.keys.keys.customer(customer))
             args += [customer, metric]
+        for customer, metric in pairs or []:
+            keys += history_keys(self.keys.keys, customer, metric)
         reply = await self.storage.run(Script("report", tuple(keys), tuple(args)))
         return [str(x) for x in reply]
 
