@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from metergate.config import MAX_SAFE_INT, BalanceConfig, EntitlementConfig
 from metergate.core import directory
@@ -23,6 +23,7 @@ from metergate.core.flows import Command
 from metergate.core.http import problem
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import REGISTRY
+from metergate.ui import dashboard_app
 
 __all__ = ["admin_app"]
 
@@ -204,7 +205,10 @@ class AdminAPI:
         return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
 
     async def get_customer(self, request: Request) -> Response:
-        cid = request.path_params["id"]
+        return _json(await self.customer(request.path_params["id"]))
+
+    async def customer(self, cid: str) -> dict[str, Any]:
+        """Return a customer as `GET /v1/customers/{id}` shows it (the dashboard reads it too)."""
         view = await self.meter._drive(directory.customer_view(self.meter.core, cid))
         balances = {}
         for name in view["balances"]:
@@ -213,7 +217,7 @@ class AdminAPI:
             except NotFound:
                 continue
         view["balances"] = balances
-        return _json(view)
+        return view
 
     async def issue_key(self, request: Request) -> Response:
         cid = request.path_params["id"]
@@ -240,11 +244,14 @@ class AdminAPI:
 
     async def get_usage(self, request: Request) -> Response:
         cid = request.path_params["id"]
+        return _json({"customer": cid, "metrics": await self.usage(cid)})
+
+    async def usage(self, cid: str) -> dict[str, dict[str, object]]:
+        """Return a customer's usage per metric, as `GET /v1/customers/{id}/usage` shows it."""
         ent = await self.meter._drive(directory.find_entitlement(self.meter.core, cid))
         if ent is None:
             raise NotFound(f"customer '{cid}' does not exist")
-        metrics = {m: await self.meter.usage(cid, m) for m in self.meter.core.plans[ent.plan]}
-        return _json({"customer": cid, "metrics": metrics})
+        return {m: await self.meter.usage(cid, m) for m in self.meter.core.plans[ent.plan]}
 
     async def post_usage(self, request: Request) -> Response:
         body = await _parse(request, UsageBody)
@@ -570,6 +577,7 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         Route("/metrics", api.guard(api.metrics), methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    dashboard = Mount("/ui", app=dashboard_app(api))  # the operator dashboard (SPEC 4.1)
+    app = Starlette(routes=[*routes, dashboard], lifespan=lifespan)
     app.state.api = api
     return app

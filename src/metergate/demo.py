@@ -389,6 +389,10 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
         f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' -d '{{\"amount\": 100}}' http://127.0.0.1:{admin_port}/v1/customers/acme/balances/credits/topup"
     )
     if keep_running:
+        console.print(
+            f"\nDashboard: http://127.0.0.1:{admin_port}/ui/ (sign in with the admin token "
+            f"{DEMO_ADMIN_TOKEN})"
+        )
         console.print("\nThe gateway keeps running; press Ctrl-C to stop.")
         await gateway
     else:

@@ -12,6 +12,7 @@ from metergate.core.errors import NotFound
 from metergate.core.flows import Command, Entitlement, Flow, MeterCore
 
 __all__ = [
+    "customer_ids",
     "customer_view",
     "events",
     "find_entitlement",
@@ -91,17 +92,31 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
     }
 
 
-def events(core: MeterCore, limit: int = 100) -> Flow[list[dict[str, Any]]]:
-    """Return the newest outbox events and dead letters of every partition, newest first."""
+def customer_ids(core: MeterCore) -> Flow[list[str]]:
+    """Return every customer id, sorted (configured ones and those created at runtime)."""
+    yield from core.bootstrap()
+    ids = yield Command(("SMEMBERS", core.keys.customers))
+    return sorted(ids or [])
+
+
+def events(
+    core: MeterCore, limit: int = 100, *, customer: str | None = None
+) -> Flow[list[dict[str, Any]]]:
+    """Return the newest outbox events and dead letters of every partition, newest first.
+
+    With `customer`, only that customer's events among the newest `limit` of its partition."""
     out: list[dict[str, Any]] = []
-    for partition in range(core.keys.partitions):
+    partitions = [core.keys.partition(customer)] if customer is not None else None
+    for partition in partitions or range(core.keys.partitions):
         for key, status in (
             (core.keys.outbox(partition), "queued"),
             (core.keys.dead_letters(partition), "dead"),
         ):
             rows = yield Command(("XREVRANGE", key, "+", "-", "COUNT", str(limit)))
             for stream_id, fields in rows or []:
-                out.append({**_event(stream_id, fields, partition), "status": status})
+                event = _event(stream_id, fields, partition)
+                if customer is None or event["customer"] == customer:
+                    out.append({**event, "status": status})
     out.sort(key=lambda e: (e["time"], e["stream_id"]), reverse=True)
     return out[:limit]
 

@@ -651,22 +651,27 @@ class MeterCore:
         )
         return (yield from self.usage(customer, metric))
 
-    def ledger(self, customer: str, limit: int = 100) -> Flow[list[dict[str, Any]]]:
+    def ledger(
+        self, customer: str, limit: int = 100, *, offset: int | None = None
+    ) -> Flow[list[dict[str, Any]]]:
         """Return the customer's balance mutations, newest first.
 
         Usage charges appear as one `usage` line per balance and usage report window, with the
-        number of charges in `count`; a window still open is read from its balance.
+        number of charges in `count`; a window still open is read from its balance. With an
+        `offset` (a page of `limit` stored lines), the open windows' lines come on top of the
+        first page, which may then hold more than `limit` lines.
         """
         check_amount(limit, "limit", positive=True)
         count = min(limit, LEDGER_LIMIT)
+        first = offset or 0
         rows, fields = yield Batch(
             (
-                ("LRANGE", self.keys.ledger(customer), "0", str(count - 1)),
+                ("LRANGE", self.keys.ledger(customer), str(first), str(first + count - 1)),
                 ("HGETALL", self.keys.customer(customer)),
             )
         )
         entries = [json.loads(row) for row in rows]
-        names = sorted(f[3:] for f in fields or {} if f.startswith("lu:"))
+        names = sorted(f[3:] for f in fields or {} if f.startswith("lu:") and not first)
         if names:
             pending = yield Batch(
                 tuple(
@@ -676,7 +681,7 @@ class MeterCore:
             for name, line in zip(names, pending, strict=True):
                 if line[0] is not None:
                     _insert_by_time(entries, _usage_line(name, line))
-        return entries[:count]
+        return entries if offset is not None else entries[:count]
 
     # -- balances --------------------------------------------------------------------------
 
