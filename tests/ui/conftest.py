@@ -115,6 +115,17 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     driver.quit()
 
 
+def click_and_wait(driver: Any, element: Any) -> None:
+    """Click a link or button and wait until the browser has left the page it was on."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+
+
 @dataclass
 class Dashboard:
     """The admin app on a port: its URL, an authorized API client and a Meter on the same storage."""
@@ -130,7 +141,7 @@ class Dashboard:
         driver.delete_all_cookies()
         driver.get(self.url + "/ui/login")
         driver.find_element(By.ID, "token").send_keys(token)
-        driver.find_element(By.ID, "sign-in").click()
+        click_and_wait(driver, driver.find_element(By.ID, "sign-in"))
 
 
 @pytest.fixture

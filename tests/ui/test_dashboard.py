@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 
 from metergate.core.flows import Command
 
-from .conftest import HOSTILE, TOKEN, Dashboard
+from .conftest import HOSTILE, TOKEN, Dashboard, click_and_wait
 
 
 def texts(driver: Any, selector: str) -> list[str]:
@@ -75,8 +75,7 @@ def test_a_hostile_customer_name_is_shown_as_text_and_never_runs(
     """A customer named `<script>alert(1)</script>` appears as text on every page; no script runs."""
     dashboard.meter.record(HOSTILE, "calls", 60)  # a level change: an event naming it
     dashboard.sign_in(browser)
-    link = browser.find_element(By.LINK_TEXT, HOSTILE)
-    link.click()
+    click_and_wait(browser, browser.find_element(By.LINK_TEXT, HOSTILE))
     assert browser.find_element(By.ID, "customer-name").text == HOSTILE
     browser.get(dashboard.url + "/ui/events")
     assert HOSTILE in texts(browser, "table.events td a")
@@ -150,7 +149,7 @@ def test_the_ledger_is_paginated(browser: Any, dashboard: Dashboard) -> None:
     browser.get(customer_url(dashboard, "acme"))
     first = browser.find_elements(By.CSS_SELECTOR, "table.ledger tbody tr[data-kind]")
     assert len(first) == 50
-    browser.find_element(By.ID, "older").click()
+    click_and_wait(browser, browser.find_element(By.ID, "older"))
     second = browser.find_elements(By.CSS_SELECTOR, "table.ledger tbody tr[data-kind]")
     ledger = dashboard.api.get("/v1/customers/acme/ledger?limit=1000").json()["entries"]
     assert len(second) == len(ledger) - 50 == 11  # 60 top-ups and the initial amount
@@ -210,7 +209,7 @@ def test_redeliver_on_a_dead_letter_queues_it_again(browser: Any, dashboard: Das
     browser.get(dashboard.url + "/ui/events?status=dead")
     rows = browser.find_elements(By.CSS_SELECTOR, "table.events tbody tr.status-dead")
     assert [r.get_attribute("data-event") for r in rows] == [event["id"]]
-    rows[0].find_element(By.CSS_SELECTOR, "button.redeliver").click()
+    click_and_wait(browser, rows[0].find_element(By.CSS_SELECTOR, "button.redeliver"))
     assert event["id"] in browser.find_element(By.ID, "redelivered").text
     assert queued_copies(dashboard, event["id"]) == before + 1
 
@@ -233,7 +232,7 @@ def test_a_form_without_its_csrf_token_is_refused(browser: Any, dashboard: Dashb
     browser.execute_script(
         "document.querySelectorAll('form input[name=csrf]').forEach(e => e.remove())"
     )
-    browser.find_element(By.CSS_SELECTOR, "button.redeliver").click()
+    click_and_wait(browser, browser.find_element(By.CSS_SELECTOR, "button.redeliver"))
     assert "CSRF" in browser.find_element(By.ID, "refused").text
     assert queued_copies(dashboard, event["id"]) == before
 

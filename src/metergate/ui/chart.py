@@ -13,9 +13,9 @@ from metergate.core.history import Series
 
 __all__ = ["Bar", "Chart", "tier_bar", "usage_chart"]
 
-WIDTH = 600
+WIDTH = 480
 BAR_HEIGHT = 28
-CHART_HEIGHT = 180
+CHART_HEIGHT = 170
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ __all__ = ["LEDGER_PAGE", "customer_page", "customers_page", "events_page"]
 LEDGER_PAGE = 50
 CUSTOMERS_SHOWN = 1000
 """Customers read for the list; beyond that the list says how many more there are."""
-EVENTS_SHOWN = 200
-CUSTOMER_EVENTS_READ = 500
-CUSTOMER_EVENTS_SHOWN = 20
+EVENTS_SHOWN = 100
+CUSTOMER_EVENTS_READ = 200
+CUSTOMER_EVENTS_SHOWN = 10
 
 
 def _balance_state(balance: dict[str, Any]) -> str:
