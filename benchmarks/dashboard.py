@@ -128,7 +128,7 @@ def main() -> None:
                 ("embedded", f"memory://dashboard-bench-{time.time_ns()}"),
                 ("redis", redis_server.url),
             ):
-                config = {**CONFIG, "storage": {"url": url}}
+                config = {**CONFIG, "storage": {"url": url, "timeout_ms": 2000}}
                 fill(config, args.lines)
                 for name, ms in asyncio.run(timings(config, args.rounds)).items():
                     print(f"{backend:9} {name:36} {ms:7.1f} ms (median of {args.rounds})")
