@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import tracemalloc
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -126,17 +128,45 @@ def test_non_json_bodies_are_not_read(content_type: str | None) -> None:
     assert scan(body, content_type) is None
 
 
-def test_compressed_bodies_are_not_read() -> None:
-    """A body with a Content-Encoding is not read (the reserve applies)."""
+def scan_encoded(body: bytes, content_type: str, encoding: str, piece: int = 5) -> dict[str, int]:
+    """Feed an encoded body in small pieces through a ResponseScan and return what it found."""
     cost = BodyCost("tokens", pointer=TOTAL)
+    response = ResponseScan.start(
+        [cost], {"content-type": content_type, "content-encoding": encoding}
+    )
+    for i in range(0, len(body), piece):
+        response.feed(body[i : i + piece])
+    response.finish()
+    return response.found()
+
+
+def test_gzip_and_deflate_bodies_are_inflated_as_they_pass() -> None:
+    """A client asking for gzip or deflate cannot make its usage unreadable: the scan inflates."""
     body = json.dumps({"usage": {"total_tokens": 42}}).encode()
-    for encoding, expected in [("gzip", {}), ("identity", {"tokens": 42})]:
-        response = ResponseScan.start(
-            [cost], {"content-type": "application/json", "content-encoding": encoding}
-        )
-        response.feed(body)
-        response.finish()
-        assert response.found() == expected
+    assert scan_encoded(gzip.compress(body), "application/json", "gzip") == {"tokens": 42}
+    assert scan_encoded(zlib.compress(body), "application/json", "deflate") == {"tokens": 42}
+    assert scan_encoded(gzip.compress(OPENAI_STREAM), SSE, "gzip") == {"tokens": 12}
+
+
+def test_other_encodings_and_broken_compression_are_not_read() -> None:
+    """An unknown Content-Encoding, a corrupt or a truncated gzip body read as none."""
+    body = json.dumps({"usage": {"total_tokens": 42}}).encode()
+    assert scan_encoded(body, "application/json", "br") == {}
+    assert scan_encoded(b"not gzip at all", "application/json", "gzip") == {}
+    assert scan_encoded(gzip.compress(body)[:-12], "application/json", "gzip") == {}
+
+
+def test_compression_bomb_is_inflated_in_bounded_memory() -> None:
+    """A gzip body inflating to 50 MB is scanned piece by piece: memory stays near the limit."""
+    bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]", compresslevel=9)
+    tracemalloc.start()
+    try:
+        found = scan_encoded(bomb, "application/json", "gzip", piece=64 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found == {}
+    assert peak < 4 * 1024 * 1024
 
 
 def test_json_body_over_the_limit_is_not_parsed() -> None:
@@ -312,6 +342,7 @@ def test_request_reserve_is_read_from_the_body() -> None:
         b'{"max_tokens": null}',
         b'{"model": "m"}',
         b'{"max_tokens": 5',
+        b'{"max_tokens": 1, "max_tokens": 5}',
     ],
 )
 def test_request_without_a_readable_reserve_uses_the_default(body: bytes) -> None:

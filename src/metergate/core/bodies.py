@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,13 @@ MAX_UNITS = 2**53 - 1
 _MISSING: Any = object()
 _LINE_END = re.compile(rb"[\r\n]")
 _BOM = b"\xef\xbb\xbf"
+_INFLATE_PIECE = 64 * 1024
+# gzip and zlib-wrapped deflate, told apart by their header (`32 +`).
+_INFLATABLE = {
+    "gzip": 32 + zlib.MAX_WBITS,
+    "x-gzip": 32 + zlib.MAX_WBITS,
+    "deflate": 32 + zlib.MAX_WBITS,
+}
 
 
 class JsonPointer:
@@ -101,10 +109,21 @@ def units_of(value: Any) -> int | None:
     return None
 
 
-def _parse(data: bytes) -> Any:
-    """Parse JSON text; anything unreadable (bad UTF-8, bad JSON, absurd numbers) is `_MISSING`."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _parse(data: bytes, unique: bool = False) -> Any:
+    """Parse JSON text; anything unreadable (bad UTF-8, bad JSON, absurd numbers) is `_MISSING`.
+
+    With `unique`, an object with a duplicate key is unreadable too: parsers disagree on which
+    of two `max_tokens` counts, so a request must not get to choose.
+    """
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_unique_keys if unique else None)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return _MISSING
 
@@ -286,31 +305,56 @@ class ResponseScanner:
 
 @dataclass(slots=True)
 class ResponseScan:
-    """All the body- and trailer-priced costs of one response, fed as the response passes."""
+    """All the body- and trailer-priced costs of one response, fed as the response passes.
+
+    A gzip or deflate body is inflated piece by piece as it passes (a client asking for a
+    compressed answer must not make it unreadable); any other Content-Encoding reads as no value.
+    """
 
     costs: Sequence[BodyCost]
     scanners: dict[str, ResponseScanner]
     trailer_values: dict[str, int]
+    inflater: Any = None
 
     @classmethod
     def start(cls, costs: Sequence[BodyCost], headers: Mapping[str, str]) -> ResponseScan:
         """Begin scanning a response whose header fields (lowercased names) are `headers`."""
         encoding = headers.get("content-encoding", "identity").strip().lower()
-        content_type = headers.get("content-type") if encoding in ("", "identity") else None
+        content_type = headers.get("content-type")
+        inflater = None
+        if encoding in _INFLATABLE:
+            inflater = zlib.decompressobj(_INFLATABLE[encoding])
+        elif encoding not in ("", "identity"):
+            content_type = None
         scanners = {
             c.metric: ResponseScanner(c.pointer, content_type, c.max_scan_bytes)
             for c in costs
             if c.pointer is not None
         }
-        return cls(costs, scanners, {})
+        return cls(costs, scanners, {}, inflater if scanners else None)
 
     def feed(self, chunk: bytes) -> None:
         """Scan the next chunk of the body."""
+        if self.inflater is None:
+            self._scan(chunk)
+            return
+        try:
+            data = chunk
+            while data and not self.inflater.eof:
+                self._scan(self.inflater.decompress(data, _INFLATE_PIECE))
+                data = self.inflater.unconsumed_tail
+        except zlib.error:
+            self.inflater = None
+            self.scanners.clear()  # a body that does not inflate cannot be read
+
+    def _scan(self, data: bytes) -> None:
         for scanner in self.scanners.values():
-            scanner.feed(chunk)
+            scanner.feed(data)
 
     def finish(self) -> None:
         """The whole body has passed."""
+        if self.inflater is not None and not self.inflater.eof:
+            self.scanners.clear()  # a truncated compressed body is not a complete answer
         for scanner in self.scanners.values():
             scanner.finish()
 
@@ -336,7 +380,7 @@ def read_reserve(reserve: RequestReserve, body: bytes | None) -> int:
     """Return the reserve a request body asks for: the integer at the pointer, else the default."""
     if body is None:
         return reserve.default
-    value = units_of(reserve.pointer.resolve(_parse(body))) if body else None
+    value = units_of(reserve.pointer.resolve(_parse(body, unique=True))) if body else None
     return reserve.default if value is None else value
 
 
