@@ -16,10 +16,12 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from examples.llm_gateway import upstream
 
 from conftest import Clock, with_storage
@@ -392,3 +394,41 @@ def test_fifty_megabyte_json_body_streams_through_in_bounded_memory(
     assert llm.tokens() == (13, 0, 0)
     # Server, gateway and client all run in this process: together they stay far below the body.
     assert peak < 16 * 1024 * 1024, peak
+
+
+def test_readme_walkthrough_with_the_example_config(
+    asgi_server: Served, llm_upstream: str, clock: Clock
+) -> None:
+    """The README's LLM walkthrough: examples/llm_gateway/gateway.yaml meters 6 + 8 tokens."""
+    path = Path(__file__).parents[2] / "examples" / "llm_gateway" / "gateway.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["proxy"]["upstream"] = llm_upstream
+    raw["storage"]["url"] = f"memory://readme-{time.monotonic_ns()}"
+    raw["admin"]["token"] = "dev-token-0123456"
+    app = create_app(raw, clock=clock)
+    asgi_server.switch.app = app
+    meter = Meter(raw, clock=clock)
+    headers = {"authorization": "Bearer acme-dev-key"}
+    try:
+        with httpx.Client(base_url=asgi_server.url, headers=headers, timeout=30) as client:
+            hello = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there"}]}
+            assert client.post("/v1/chat/completions", json=hello).json()["usage"] == {
+                "prompt_tokens": 2,
+                "completion_tokens": 4,
+                "total_tokens": 6,
+            }
+            stream = {
+                "model": "echo-1",
+                "max_tokens": 100,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "stream this please"}],
+            }
+            text = client.post("/v1/chat/completions", json=stream).text
+            assert '"total_tokens": 8' in text and text.endswith("data: [DONE]\n\n")
+        assert meter.usage("acme", "tokens")["value"] == 14
+        assert meter.balance("acme", "credits").available == 100_000 - 14
+    finally:
+        meter.close()
+        asgi_server.switch.run(_close_session(app.app))
+        asgi_server.switch.run(app.meter.aclose())
