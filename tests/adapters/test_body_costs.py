@@ -24,7 +24,7 @@ import pytest
 import yaml
 from examples.llm_gateway import upstream
 
-from conftest import Clock, with_storage
+from conftest import Clock, RedisProcess, with_storage
 from metergate import Meter, MeteringMiddleware, WSGIMeteringMiddleware, create_app
 
 from .conftest import Served
@@ -213,12 +213,13 @@ def llm_upstream() -> Iterator[str]:
 @pytest.fixture
 def start_llm(
     request: pytest.FixtureRequest, clock: Clock, asgi_server: Served, wsgi_server: Served
-) -> Iterator[Callable[[str, str], Llm]]:
+) -> Iterator[Callable[..., Llm]]:
     """Put the LLM app behind metering in a mode, on a storage URL; take it down afterwards."""
     with ExitStack() as stack:
 
-        def start(mode: str, storage_url: str) -> Llm:
+        def start(mode: str, storage_url: str, **storage: Any) -> Llm:
             config = with_storage(copy.deepcopy(CONFIG), storage_url)
+            config["storage"].update(storage)
             served = wsgi_server if mode == "wsgi" else asgi_server
             if mode == "wsgi":
                 app: Any = WSGIMeteringMiddleware(llm_wsgi, config, clock=clock)
@@ -244,9 +245,7 @@ def start_llm(
 
 
 @pytest.fixture(params=["asgi", "wsgi", "proxy"])
-def llm(
-    request: pytest.FixtureRequest, start_llm: Callable[[str, str], Llm], storage_url: str
-) -> Llm:
+def llm(request: pytest.FixtureRequest, start_llm: Callable[..., Llm], storage_url: str) -> Llm:
     """The LLM app behind metering in each mode, on each backend."""
     return start_llm(str(request.param), storage_url)
 
@@ -371,7 +370,7 @@ def _assert_tokens(llm: Llm, expected: tuple[int, int, int]) -> None:
 
 @pytest.mark.parametrize("mode", ["asgi", "wsgi", "proxy"])
 def test_fifty_megabyte_json_body_streams_through_in_bounded_memory(
-    start_llm: Callable[[str, str], Llm], mode: str
+    start_llm: Callable[..., Llm], mode: str
 ) -> None:
     """A 50 MB JSON response passes whole, is not parsed (the reserve is charged), memory bounded."""
     llm = start_llm(mode, f"memory://big-{mode}-{time.monotonic_ns()}")
@@ -432,3 +431,22 @@ def test_readme_walkthrough_with_the_example_config(
         meter.close()
         asgi_server.switch.run(_close_session(app.app))
         asgi_server.switch.run(app.meter.aclose())
+
+
+@pytest.mark.parametrize("mode", ["asgi", "wsgi", "proxy"])
+def test_usage_read_while_storage_was_down_is_recorded_when_it_is_back(
+    start_llm: Callable[..., Llm], tmp_path: Path, mode: str
+) -> None:
+    """Under `on_failure: open`, a body's usage read while storage was down is recorded later."""
+    redis_server = RedisProcess(tmp_path / "late-redis")
+    llm = start_llm(mode, redis_server.url, on_failure="open")
+    try:
+        body = chat(max_tokens=50, stream=True, stream_options={"include_usage": True})
+        response = llm.client.post("/v1/chat/completions", json=body)
+        assert response.headers["metergate-degraded"] == "?1"
+        redis_server.start()
+        live = llm.client.post("/v1/chat/completions", json=chat(max_tokens=50))
+        assert "metergate-degraded" not in live.headers
+        eventually(lambda: _assert_tokens(llm, (2 * TOTAL, 0, 0)))
+    finally:
+        redis_server.stop()
