@@ -127,6 +127,8 @@ class MeteringMiddleware:
         reserves = None
         if route.request_reserves:
             receive, reserves = await read_reserves_asgi(receive, route, headers)
+            if reserves is None:
+                return  # the client left while sending its body: nothing admitted, nothing owed
         planned = self.gate.admission(customer, route, headers, scope, reserves)
         if isinstance(planned, Answer):
             await _send_answer(send, planned)

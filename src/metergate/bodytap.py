@@ -26,19 +26,20 @@ WSGI_READ = 64 * 1024
 
 async def read_reserves_asgi(
     receive: Receive, route: CompiledRoute, headers: Mapping[str, str]
-) -> tuple[Receive, dict[str, int]]:
+) -> tuple[Receive, dict[str, int] | None]:
     """Read a route's request reserves from the body; return the `receive` the app must use.
 
     The messages read ahead (at most `max_scan_bytes` of body, plus one chunk) are replayed to the
-    app first, then the rest comes from the client as it arrives.
+    app first, then the rest comes from the client as it arrives. The reserves are None when the
+    client went away before its body arrived: there is nothing to admit or to answer.
     """
     reader = RequestBodyReader(route.request_reserves, headers, route.request_scan_bytes)
     held: deque[Message] = deque()
     while reader.wanted:
         message = await receive()
-        held.append(message)
         if message["type"] != "http.request":
-            break  # the client went away: the app hears it in turn
+            return receive, None
+        held.append(message)
         reader.feed(message.get("body", b""), message.get("more_body", False))
     if not held:
         return receive, reader.result()

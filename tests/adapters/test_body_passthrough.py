@@ -153,8 +153,8 @@ def test_request_is_replayed_to_the_app_message_by_message() -> None:
     assert result == (42, 0)
 
 
-def test_disconnect_while_reading_ahead_reaches_the_app() -> None:
-    """A client gone while its body was read ahead: the app hears the disconnect; the default is held."""
+def test_client_gone_while_reading_ahead_is_neither_forwarded_nor_charged() -> None:
+    """A client gone before its body arrived is not admitted: the app never runs, nothing held."""
     requests = [
         {"type": "http.request", "body": b'{"max_tok', "more_body": True},
         {"type": "http.disconnect"},
@@ -164,7 +164,6 @@ def test_disconnect_while_reading_ahead_reaches_the_app() -> None:
     def app(_: Any) -> App:
         async def serve(scope: dict[str, Any], receive: Any, send: Any) -> None:
             received.append(await receive())
-            received.append(await receive())
 
         return serve
 
@@ -172,9 +171,9 @@ def test_disconnect_while_reading_ahead_reaches_the_app() -> None:
         "response_json": "/usage/total_tokens",
         "reserve": {"request_json": "/max_tokens", "default": 7},
     }
-    _, result = run(cost, app, requests)
-    assert received == requests
-    assert result == (7, 0)
+    sent, result = run(cost, app, requests)
+    assert received == [] and sent == []
+    assert result == (0, 0)
 
 
 def trailer_app(trailers: list[tuple[bytes, bytes]], checks: list[tuple[int, int]]) -> Any:
