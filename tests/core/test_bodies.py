@@ -358,3 +358,10 @@ def test_request_over_the_limit_or_compressed_uses_the_default() -> None:
     assert reserves(small, {"content-length": "5000"}) == {"tokens": 8000}
     assert reserves(small, {"content-encoding": "gzip"}) == {"tokens": 8000}
     assert not RequestBodyReader(RESERVE, {"content-length": "5000"}, 1024).wanted
+
+
+def test_keys_spelled_with_escapes_are_still_found() -> None:
+    """A key written with JSON escapes (`total\\u005ftokens`, `a\\/b`) is the same key."""
+    assert scan(b'{"usage": {"total\\u005ftokens": 3}}', "application/json") == 3
+    assert scan(b'data: {"a\\/b": 4}\n\n', SSE, pointer=JsonPointer("/a~1b")) == 4
+    assert scan(b'data: {"usage": {"total_tokens": 5}, "c": "x\\ny"}\n\n', SSE) == 5

@@ -55,7 +55,7 @@ _INFLATABLE = {
 class JsonPointer:
     """An RFC 6901 JSON pointer (`/usage/total_tokens`), parsed once."""
 
-    __slots__ = ("needle", "text", "tokens")
+    __slots__ = ("escape", "needle", "text", "tokens")
 
     def __init__(self, text: str) -> None:
         if text and not text.startswith("/"):
@@ -71,6 +71,9 @@ class JsonPointer:
         # spell it otherwise) is skipped without being parsed.
         names = [t for t in self.tokens if t != "-" and not t.isdigit()]
         self.needle: bytes | None = json.dumps(names[-1]).encode() if names else None
+        # A key of plain characters can only be spelled otherwise with `\uXXXX` escapes.
+        plain = bool(names) and re.fullmatch(r"[A-Za-z0-9_. -]*", names[-1]) is not None
+        self.escape = b"\\u" if plain else b"\\"
 
     def resolve(self, document: Any) -> Any:
         """Return the value the pointer designates in a parsed document, or `_MISSING`."""
@@ -90,7 +93,7 @@ class JsonPointer:
 
     def may_be_in(self, text: bytes) -> bool:
         """Whether `text` could hold the pointer (False only when it certainly cannot)."""
-        return self.needle is None or self.needle in text or b"\\" in text
+        return self.needle is None or self.needle in text or self.escape in text
 
     def __repr__(self) -> str:
         return f"JsonPointer({self.text!r})"
