@@ -1,4 +1,4 @@
-"""Body costs at the ASGI message level: nothing held back, requests replayed as sent, trailers.
+"""Body costs at the message level: nothing held back, requests replayed as sent, trailers.
 
 uvicorn (the suite's server) does not carry `http.response.trailers`, so these drive the
 middleware directly with the messages a server would exchange.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from metergate import MeteringMiddleware
+from metergate.bodytap import read_reserves_wsgi
 
 from .test_body_costs import CONFIG, KEY
 
@@ -207,3 +209,52 @@ def test_trailer_prices_the_response_after_the_body(
     assert checks == [(0, 50)]
     assert sent[-1]["type"] == "http.response.trailers"
     assert result == (expected, 0)
+
+
+def wsgi_route() -> Any:
+    """The compiled chat route of a config whose reserve is read from the request (default 7)."""
+    from metergate import parse_config
+    from metergate.core.http import RouteTable
+
+    cost = {
+        "response_json": "/usage/total_tokens",
+        "reserve": {"request_json": "/max_tokens", "default": 7},
+    }
+    return RouteTable(parse_config(config(cost)).routes).routes[0]
+
+
+class Terminated(io.BytesIO):
+    """A server's input stream that ends with the body (`wsgi.input_terminated`)."""
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_wsgi_input_stays_whole_after_reading_ahead(length: bool) -> None:
+    """After the reserve is read, the app reads the same bytes, by read, readline or iteration."""
+    body = b'{"max_tokens": 42,\n "messages": []}\nsecond line\n'
+    environ: dict[str, Any] = {"wsgi.input": Terminated(body)}
+    headers = {"content-length": str(len(body))} if length else {}
+    if not length:
+        environ["wsgi.input_terminated"] = True
+    reserves = read_reserves_wsgi(environ, wsgi_route(), headers)
+    assert reserves == {"tokens": 7}  # a JSON document followed by text is not JSON
+    stream = environ["wsgi.input"]
+    assert stream.readline() == b'{"max_tokens": 42,\n'
+    assert stream.read(5) == b' "mes'
+    assert list(stream) == [b'sages": []}\n', b"second line\n"]
+    assert stream.read() == b""
+
+
+def test_wsgi_reads_ahead_only_up_to_the_limit() -> None:
+    """An unterminated stream of unknown length is not read; a terminated one only to the limit."""
+    route = wsgi_route()
+    big = b'{"max_tokens": 3, "pad": "' + b"p" * (2 * 1024 * 1024) + b'"}'
+    environ: dict[str, Any] = {"wsgi.input": io.BytesIO(big)}
+    assert read_reserves_wsgi(environ, route, {}) == {"tokens": 7}
+    assert environ["wsgi.input"].tell() == 0  # untouched
+    environ = {"wsgi.input": io.BytesIO(big), "wsgi.input_terminated": True}
+    assert read_reserves_wsgi(environ, route, {}) == {"tokens": 7}
+    assert environ["wsgi.input"].read() == big
+    small = b'{"max_tokens": 3}'
+    environ = {"wsgi.input": io.BytesIO(small), "wsgi.input_terminated": True}
+    assert read_reserves_wsgi(environ, route, {}) == {"tokens": 3}
+    assert environ["wsgi.input"].read() == small
