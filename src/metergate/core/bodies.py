@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -396,7 +396,7 @@ class RequestBodyReader:
 
     def __init__(
         self,
-        reserves: Mapping[str, RequestReserve],
+        reserves: Mapping[str, RequestReserve] | Iterable[tuple[str, RequestReserve]],
         headers: Mapping[str, str],
         limit: int = MAX_SCAN_BYTES,
     ) -> None:

@@ -90,7 +90,8 @@ class CompiledRoute:
     reserve_ttl_ms: int
     lease_ttl_ms: int | None
     body_costs: tuple[BodyCost, ...] = ()
-    request_reserves: dict[str, RequestReserve] = field(default_factory=dict)
+    request_reserves: tuple[tuple[str, RequestReserve], ...] = ()
+    """metric -> reserve read from the request body, as pairs (the route stays hashable)."""
     request_scan_bytes: int = MAX_SCAN_BYTES
 
 
@@ -121,9 +122,9 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
         reserve_ttl_ms=route.reserve_ttl,
         lease_ttl_ms=route.lease_ttl,
         body_costs=tuple(c.body for c in costs if c.body is not None),
-        request_reserves={
-            c.metric: c.request_reserve for c in costs if c.request_reserve is not None
-        },
+        request_reserves=tuple(
+            (c.metric, c.request_reserve) for c in costs if c.request_reserve is not None
+        ),
         request_scan_bytes=max([n for n in scan if n is not None] or [MAX_SCAN_BYTES]),
     )
 
