@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from metergate.bodytap import AsgiResponseTap, read_reserves_asgi
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
@@ -123,7 +124,12 @@ class MeteringMiddleware:
         if customer is None:
             await _send_answer(send, self.gate.refusal(_unauthenticated(), self.clock()))
             return
-        planned = self.gate.admission(customer, route, headers, scope)
+        reserves = None
+        if route.request_reserves:
+            receive, reserves = await read_reserves_asgi(receive, route, headers)
+            if reserves is None:
+                return  # the client left while sending its body: nothing admitted, nothing owed
+        planned = self.gate.admission(customer, route, headers, scope, reserves)
         if isinstance(planned, Answer):
             await _send_answer(send, planned)
             return
@@ -143,17 +149,23 @@ class MeteringMiddleware:
         self._start_drain()
 
         ticket = decision.ticket
+        tap = AsgiResponseTap(route) if route.body_costs else None
 
         async def settle(response_headers: Mapping[str, str]) -> None:
             if ticket is None:
                 return
+            # After a disconnect, what the body reported so far (a complete event), else the
+            # reserve.
+            found = tap.found() if tap is not None else None
             try:
-                await self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
+                await self.meter.settle(ticket, self.gate.actuals(planned, response_headers, found))
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
-        await self._forward(scope, receive, send, fields, settle, read_headers=ticket is not None)
+        await self._forward(
+            scope, receive, send, fields, settle, read_headers=ticket is not None, tap=tap
+        )
 
     async def _admit(self, planned: Admission) -> Decision:
         route = planned.route
@@ -208,6 +220,7 @@ class MeteringMiddleware:
         on_end: OnEnd,
         *,
         read_headers: bool = True,
+        tap: AsgiResponseTap | None = None,
     ) -> None:
         """Run the app with our fields added; `on_end` runs once, however the response ends.
 
@@ -216,6 +229,7 @@ class MeteringMiddleware:
         added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
         ended = False
+        trailers = False
 
         async def end() -> None:
             nonlocal ended
@@ -224,13 +238,25 @@ class MeteringMiddleware:
                 await on_end(response_headers)
 
         async def metered_send(message: Message) -> None:
+            nonlocal trailers
+            if tap is not None:
+                tap.see(message)  # scanned as it passes; never held back
             if message["type"] == "http.response.start":
+                # With trailers announced, the response ends with its last trailer message.
+                trailers = bool(message.get("trailers", False))
                 # The app's own headers stay untouched; ours are appended.
                 if read_headers:
                     for k, v in message.get("headers", ()):
                         response_headers[k.decode("latin-1").lower()] = v.decode("latin-1")
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+                and not trailers
+            ) or (
+                message["type"] == "http.response.trailers"
+                and not message.get("more_trailers", False)
+            ):
                 # Settle before the last bytes leave: a client that has read the whole response
                 # (and sends its next request) finds its lease ended and its units counted.
                 await end()
@@ -261,9 +287,11 @@ class MeteringMiddleware:
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
         operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        tap = AsgiResponseTap(planned.route) if planned.route.body_costs else None
 
         async def defer(response_headers: Mapping[str, str]) -> None:
-            item = self.gate.deferred(planned, response_headers, operation, api_key)
+            found = tap.found() if tap is not None else None
+            item = self.gate.deferred(planned, response_headers, operation, api_key, found)
             if item is None:
                 return
             if len(self._deferred) == self._deferred.maxlen:
@@ -272,7 +300,7 @@ class MeteringMiddleware:
                 )
             self._deferred.append(item)
 
-        await self._forward(scope, receive, send, DEGRADED, defer)
+        await self._forward(scope, receive, send, DEGRADED, defer, tap=tap)
 
     def _start_drain(self) -> None:
         if self._deferred and (self._drain_task is None or self._drain_task.done()):

@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from metergate.core.bodies import JsonPointer
+
 __all__ = [
     "LEVELS",
     "POLICIES",
@@ -283,12 +285,34 @@ class CustomerConfig(_Model):
     balances: dict[str, BalanceConfig] = {}
 
 
+def _json_pointer(value: str) -> str:
+    JsonPointer(value)  # raises ValueError naming what is wrong
+    return value
+
+
+Pointer = Annotated[str, AfterValidator(_json_pointer)]
+"""An RFC 6901 JSON pointer: `/usage/total_tokens`."""
+
+
+class RequestReserveConfig(_Model):
+    """A reserve read from the request's JSON body (`/max_tokens`), or `default` without it."""
+
+    request_json: Pointer
+    default: Amount
+
+
 class CostConfig(_Model):
-    """Cost read from a request header, or from a response header holding a reserve meanwhile."""
+    """Cost read from a request header, or from the response (header, JSON body, event stream,
+    trailer) with a reserve held meanwhile."""
 
     header: str | None = None
     response_header: str | None = None
-    reserve: Amount | None = None
+    response_json: Pointer | None = None
+    """The JSON pointer of the units in a JSON body or in the last event of an event stream."""
+    response_trailer: str | None = None
+    reserve: Amount | RequestReserveConfig | None = None
+    max_scan_bytes: Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)] | None = None
+    """The most body bytes kept for reading a cost (default 1 MiB): larger bodies are not parsed."""
 
 
 class MeterConfig(_Model):
@@ -581,13 +605,27 @@ def _check_routes(cfg: GatewayConfig) -> list[tuple[str, str]]:
             cost = meter.cost
             if not isinstance(cost, CostConfig):
                 continue
-            if (cost.header is None) == (cost.response_header is None):
-                errors.append((f"{at}.cost", "give exactly one of header or response_header"))
-            elif cost.response_header is not None and cost.reserve is None:
-                errors.append((f"{at}.cost.reserve", "response_header needs a reserve"))
-            elif cost.header is not None and cost.reserve is not None:
-                errors.append((f"{at}.cost.reserve", "reserve only applies to response_header"))
+            errors.extend(_check_cost(cost, f"{at}.cost"))
     return errors
+
+
+_COST_SOURCES = ("header", "response_header", "response_json", "response_trailer")
+
+
+def _check_cost(cost: CostConfig, at: str) -> list[tuple[str, str]]:
+    given = [name for name in _COST_SOURCES if getattr(cost, name) is not None]
+    if len(given) != 1:
+        return [(at, "give exactly one of " + ", ".join(_COST_SOURCES))]
+    source = given[0]
+    if source != "header" and cost.reserve is None:
+        return [(f"{at}.reserve", f"{source} needs a reserve")]
+    if source == "header" and cost.reserve is not None:
+        return [(f"{at}.reserve", "reserve only applies to costs read from the response")]
+    reads_body = source == "response_json" or isinstance(cost.reserve, RequestReserveConfig)
+    if cost.max_scan_bytes is not None and not reads_body:
+        message = "max_scan_bytes only applies to response_json or a request_json reserve"
+        return [(f"{at}.max_scan_bytes", message)]
+    return []
 
 
 def _cross_check(cfg: GatewayConfig) -> list[tuple[str, str]]:

@@ -150,7 +150,10 @@ class ProxyApp:
             await send_answer(send, _too_large(self.max_body))
             return
 
+        body_read = False
+
         async def body() -> AsyncIterator[bytes]:
+            nonlocal body_read
             seen = 0
             while True:
                 message = await receive()
@@ -163,6 +166,7 @@ class ProxyApp:
                 if chunk:
                     yield chunk
                 if not message.get("more_body", False):
+                    body_read = True
                     return
 
         out_headers = [
@@ -198,6 +202,11 @@ class ProxyApp:
             detail = f"the upstream is unreachable ({type(exc).__name__})"
             await send_answer(send, problem("bad-gateway", 502, detail))
             return
+        watcher = None
+        if body_read or not has_body:
+            # Only a disconnect can arrive now: on one, stop reading the upstream (an LLM server
+            # stops generating when its client goes) instead of streaming to nobody.
+            watcher = asyncio.ensure_future(_close_on_disconnect(receive, response))
         try:
             await send(
                 {
@@ -214,6 +223,8 @@ class ProxyApp:
             # response; the metering middleware settles in its finally block.
             pass
         finally:
+            if watcher is not None:
+                watcher.cancel()
             response.release()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -226,6 +237,12 @@ class ProxyApp:
                     await self.session.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _close_on_disconnect(receive: Receive, response: aiohttp.ClientResponse) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    response.close()
 
 
 class ClientGone(Exception):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 
+from metergate.bodytap import WsgiResponseTap, read_reserves_wsgi
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
@@ -119,21 +120,33 @@ class _Metered:
     """
 
     def __init__(
-        self, body: Iterable[bytes], headers: Mapping[str, str], end: Callable[[], None]
+        self,
+        body: Iterable[bytes],
+        headers: Mapping[str, str],
+        end: Callable[[], None],
+        tap: WsgiResponseTap | None = None,
     ) -> None:
         self._body = body
         self._headers = headers
         self._end = end
+        self._tap = tap
 
     def __iter__(self) -> Iterator[bytes]:
         sent = 0
+        tap = self._tap
         for chunk in self._body:
+            if tap is not None:
+                tap.feed(chunk)  # scanned as it passes; never held back
             # Read per chunk: a generator app calls start_response only when it first runs.
             length = self._headers.get("content-length", "")
             sent += len(chunk)
             if length.isdigit() and sent >= int(length):
+                if tap is not None:
+                    tap.finish()
                 self._end()
             yield chunk
+        if tap is not None:
+            tap.finish()
         self._end()
 
     def close(self) -> None:
@@ -200,7 +213,10 @@ class WSGIMeteringMiddleware:
                 False, 401, "unauthenticated", "", detail="no API key, or a key nobody holds"
             )
             return _answer(start_response, self.gate.refusal(refusal, self.clock()))
-        planned = self.gate.admission(customer, route, headers, environ)
+        reserves = None
+        if route.request_reserves:
+            reserves = read_reserves_wsgi(environ, route, headers)
+        planned = self.gate.admission(customer, route, headers, environ, reserves)
         if isinstance(planned, Answer):
             return _answer(start_response, planned)
         started = time.perf_counter()
@@ -224,13 +240,19 @@ class WSGIMeteringMiddleware:
 
             return self.app(environ, start_with_fields)
 
+        response_headers: dict[str, str] = {}
+        tap = WsgiResponseTap(route, response_headers) if route.body_costs else None
+
         def settle(response_headers: Mapping[str, str]) -> None:
+            # After a disconnect, what the body reported so far (a complete event), else the
+            # reserve.
+            found = tap.found() if tap is not None else None
             try:
-                self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
+                self.meter.settle(ticket, self.gate.actuals(planned, response_headers, found))
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
-        return self._forward(environ, start_response, fields, settle)
+        return self._forward(environ, start_response, fields, settle, response_headers, tap)
 
     def _admit(self, planned: Admission) -> Decision:
         route = planned.route
@@ -263,9 +285,14 @@ class WSGIMeteringMiddleware:
         start_response: StartResponse,
         fields: list[tuple[str, str]],
         on_end: OnEnd,
+        response_headers: dict[str, str] | None = None,
+        tap: WsgiResponseTap | None = None,
     ) -> Iterable[bytes]:
-        """Run the app with our fields added; `on_end` runs once, however the response ends."""
-        response_headers: dict[str, str] = {}
+        """Run the app with our fields added; `on_end` runs once, however the response ends.
+
+        `response_headers` is filled with the response's fields (lowercased) for `tap` to read.
+        """
+        response_headers = {} if response_headers is None else response_headers
         ended = threading.Lock()
 
         def end() -> None:
@@ -283,7 +310,7 @@ class WSGIMeteringMiddleware:
         except BaseException:
             end()
             raise
-        return _Metered(body, response_headers, end)
+        return _Metered(body, response_headers, end, tap)
 
     def _storage_failed(
         self,
@@ -297,9 +324,13 @@ class WSGIMeteringMiddleware:
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
         operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        response_headers: dict[str, str] = {}
+        route = planned.route
+        tap = WsgiResponseTap(route, response_headers) if route.body_costs else None
 
         def defer(response_headers: Mapping[str, str]) -> None:
-            item = self.gate.deferred(planned, response_headers, operation, api_key)
+            found = tap.found() if tap is not None else None
+            item = self.gate.deferred(planned, response_headers, operation, api_key, found)
             if item is None:
                 return
             if len(self._deferred) == self._deferred.maxlen:
@@ -308,7 +339,7 @@ class WSGIMeteringMiddleware:
                 )
             self._deferred.append(item)
 
-        return self._forward(environ, start_response, DEGRADED, defer)
+        return self._forward(environ, start_response, DEGRADED, defer, response_headers, tap)
 
     def _drain(self, limit: int) -> None:
         """Record up to `limit` requests let through while storage was down (one thread at once)."""

@@ -88,7 +88,9 @@ EXPECTED: dict[str, list[str]] = {
     "duration_zero.yaml": ["routes[0].lease_ttl: must be longer than 0"],
     "cost_not_integer.yaml": ["routes[0].meter[0].cost: must be an integer or a mapping, not 1.5"],
     "cost_unknown_key.yaml": ["routes[0].meter[0].cost.default: unknown key 'default'"],
-    "cost_reserve_float.yaml": ["routes[0].meter[0].cost.reserve: must be an integer, not 0.5"],
+    "cost_reserve_float.yaml": [
+        "routes[0].meter[0].cost.reserve: must be an integer or a mapping, not 0.5"
+    ],
     "admin_token_short.yaml": ["admin.token: must be at least 16 characters long"],
     "env_missing.yaml": ["admin.token: environment variable METERGATE_TEST_UNSET_TOKEN is not set"],
     "storage_prefix.yaml": ["storage.prefix: may only contain letters, digits, '_', '.' and '-'"],
@@ -159,15 +161,30 @@ EXPECTED: dict[str, list[str]] = {
         "plans.basic.assets.calls.period: a TotalCounter needs a period"
     ],
     "cost_header_count.yaml": [
-        "routes[0].meter[0].cost: give exactly one of header or response_header"
+        "routes[0].meter[0].cost: give exactly one of header, response_header, response_json, "
+        "response_trailer"
     ],
     "cost_reserve_missing.yaml": [
         "routes[0].meter[0].cost.reserve: response_header needs a reserve"
     ],
     "cost_reserve_misplaced.yaml": [
-        "routes[0].meter[0].cost.reserve: reserve only applies to response_header"
+        "routes[0].meter[0].cost.reserve: reserve only applies to costs read from the response"
     ],
     "api_key_shared.yaml": ["customers.tinyco.api_keys[1]: customer 'acme' has the same key"],
+    "cost_pointer_relative.yaml": [
+        "routes[0].meter[0].cost.response_json: a JSON pointer starts with '/', not 'u'"
+    ],
+    "cost_pointer_escape.yaml": [
+        "routes[0].meter[0].cost.reserve.request_json: "
+        "'~' in a JSON pointer must be followed by 0 or 1 (~0, ~1)"
+    ],
+    "cost_request_reserve_default.yaml": [
+        "routes[0].meter[0].cost.reserve.default: must be an integer, not '8k'"
+    ],
+    "cost_scan_misplaced.yaml": [
+        "routes[0].meter[0].cost.max_scan_bytes: "
+        "max_scan_bytes only applies to response_json or a request_json reserve"
+    ],
 }
 
 

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metergate.config import CostConfig, GatewayConfig, RouteConfig
+from metergate.config import CostConfig, GatewayConfig, RequestReserveConfig, RouteConfig
+from metergate.core.bodies import MAX_SCAN_BYTES, BodyCost, JsonPointer, RequestReserve
 from metergate.core.model import Decision
 
 __all__ = [
@@ -72,6 +73,10 @@ class MeteredCost:
     header: str | None = None
     response_header: str | None = None
     reserve: int = 0
+    body: BodyCost | None = None
+    """Set when the cost is read from the response body or a trailer."""
+    request_reserve: RequestReserve | None = None
+    """Set when the reserve is read from the request body (`reserve` is then its default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,10 @@ class CompiledRoute:
     costs: tuple[MeteredCost, ...]
     reserve_ttl_ms: int
     lease_ttl_ms: int | None
+    body_costs: tuple[BodyCost, ...] = ()
+    request_reserves: tuple[tuple[str, RequestReserve], ...] = ()
+    """metric -> reserve read from the request body, as pairs (the route stays hashable)."""
+    request_scan_bytes: int = MAX_SCAN_BYTES
 
 
 def _methods(methods: Sequence[str] | None) -> frozenset[str] | None:
@@ -101,16 +110,10 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
     for meter in route.meter:
         cost = meter.cost
         if isinstance(cost, CostConfig):
-            costs.append(
-                MeteredCost(
-                    meter.metric,
-                    header=cost.header,
-                    response_header=cost.response_header,
-                    reserve=cost.reserve or 0,
-                )
-            )
+            costs.append(_compile_cost(meter.metric, cost))
         else:
             costs.append(MeteredCost(meter.metric, constant=cost))
+    scan = [m.cost.max_scan_bytes for m in route.meter if isinstance(m.cost, CostConfig)]
     return CompiledRoute(
         path=route.path,
         regex=_template_regex(route.path),
@@ -118,6 +121,32 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
         costs=tuple(costs),
         reserve_ttl_ms=route.reserve_ttl,
         lease_ttl_ms=route.lease_ttl,
+        body_costs=tuple(c.body for c in costs if c.body is not None),
+        request_reserves=tuple(
+            (c.metric, c.request_reserve) for c in costs if c.request_reserve is not None
+        ),
+        request_scan_bytes=max([n for n in scan if n is not None] or [MAX_SCAN_BYTES]),
+    )
+
+
+def _compile_cost(metric: str, cost: CostConfig) -> MeteredCost:
+    scan = cost.max_scan_bytes or MAX_SCAN_BYTES
+    body = None
+    if cost.response_json is not None:
+        body = BodyCost(metric, pointer=JsonPointer(cost.response_json), max_scan_bytes=scan)
+    elif cost.response_trailer is not None:
+        body = BodyCost(metric, trailer=cost.response_trailer.lower())
+    reserve, from_request = cost.reserve, None
+    if isinstance(reserve, RequestReserveConfig):
+        from_request = RequestReserve(JsonPointer(reserve.request_json), reserve.default)
+        reserve = reserve.default
+    return MeteredCost(
+        metric,
+        header=cost.header,
+        response_header=cost.response_header,
+        reserve=reserve or 0,
+        body=body,
+        request_reserve=from_request,
     )
 
 
@@ -240,6 +269,8 @@ class Admission:
     idempotency_key: str | None
     response_costs: dict[str, tuple[str, int]] = field(default_factory=dict)
     """metric -> (response header, reserve): settled from the response."""
+    body_costs: dict[str, int] = field(default_factory=dict)
+    """metric -> reserve, for costs read from the response body or a trailer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +318,11 @@ class Gate:
         route: CompiledRoute,
         headers: Mapping[str, str],
         request: Any = None,
+        reserves: Mapping[str, int] | None = None,
     ) -> Admission | Answer:
         """Work out what the request costs; an unreadable cost header answers 400.
+
+        `reserves` are the reserves read from the request body (`reserve: {request_json: ...}`).
 
         A custom cost callable (`costs={metric: f}`) gets the framework's request (the ASGI scope
         or the WSGI environ) and must return an int; anything else raises InvalidAmount.
@@ -296,11 +330,15 @@ class Gate:
         amounts: dict[str, int] = {}
         estimates: dict[str, int] = {}
         response_costs: dict[str, tuple[str, int]] = {}
+        body_costs: dict[str, int] = {}
         for cost in route.costs:
             custom = self.costs.get(cost.metric)
             if custom is not None:
                 # No int() here: a float or a numeric string from a callable is a bug to surface.
                 amounts[cost.metric] = custom(request)
+            elif cost.body is not None:
+                reserve = (reserves or {}).get(cost.metric, cost.reserve)
+                estimates[cost.metric] = body_costs[cost.metric] = reserve
             elif cost.response_header is not None:
                 estimates[cost.metric] = cost.reserve
                 response_costs[cost.metric] = (cost.response_header.lower(), cost.reserve)
@@ -319,7 +357,9 @@ class Gate:
             else:
                 amounts[cost.metric] = cost.constant
         key = headers.get("idempotency-key")
-        return Admission(customer, route, amounts, estimates, key or None, response_costs)
+        return Admission(
+            customer, route, amounts, estimates, key or None, response_costs, body_costs
+        )
 
     def refusal(self, decision: Decision, now_s: float) -> Answer:
         """Build the problem+json answer for a refused decision, with its headers."""
@@ -360,12 +400,21 @@ class Gate:
         )
 
     @staticmethod
-    def actuals(admission: Admission, response_headers: Mapping[str, str]) -> dict[str, int]:
-        """Read the actual units of response-priced metrics; without the header, the reserve."""
+    def actuals(
+        admission: Admission,
+        response_headers: Mapping[str, str],
+        found: Mapping[str, int] | None = None,
+    ) -> dict[str, int]:
+        """Read the actual units of response-priced metrics; without the header, the reserve.
+
+        `found` holds the units read from the response body or trailers, per metric.
+        """
         out: dict[str, int] = {}
         for metric, (header, reserve) in admission.response_costs.items():
             raw = response_headers.get(header, "").strip()
             out[metric] = int(raw) if re.fullmatch(r"\d{1,15}", raw) else reserve
+        for metric, reserve in admission.body_costs.items():
+            out[metric] = (found or {}).get(metric, reserve)
         return out
 
     def deferred(
@@ -374,13 +423,14 @@ class Gate:
         response_headers: Mapping[str, str],
         operation: str,
         api_key: str | None = None,
+        found: Mapping[str, int] | None = None,
     ) -> Deferred | None:
         """Describe what a request let through while storage was down should record later.
 
         Response-priced metrics count what the response said (or the reserve). UpDownCounter
         units are left out: the request is over by the time they could be recorded.
         """
-        amounts = {**admission.amounts, **self.actuals(admission, response_headers)}
+        amounts = {**admission.amounts, **self.actuals(admission, response_headers, found)}
         metrics = self.config.metrics
         amounts = {
             m: v
