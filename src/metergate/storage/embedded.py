@@ -519,11 +519,23 @@ class _Client:
     get_encoder: Callable[[], Any]
 
     def _args(self, args: tuple[Any, ...]) -> list[bytes]:
-        encode = self.get_encoder().encode
+        """The command as bytes, as redis-py sends it (`SCRIPT LOAD` as two words)."""
         first = args[0]
-        name = first.encode() if isinstance(first, str) else bytes(first)
-        words = name.split()
-        return [*words, *map(encode, args[1:])]
+        out = (first.encode() if isinstance(first, str) else bytes(first)).split()
+        encode = None
+        for arg in args[1:]:
+            kind = type(arg)
+            if kind is str:
+                out.append(arg.encode())
+            elif kind is bytes:
+                out.append(arg)
+            elif kind is int:
+                out.append(b"%d" % arg)
+            else:  # floats, memoryviews, and the types redis-py refuses (DataError)
+                if encode is None:
+                    encode = self.get_encoder().encode
+                out.append(encode(arg))
+        return out
 
     def _parse(self, command_name: Any, reply: Any, options: dict[str, Any]) -> Any:
         if isinstance(reply, CommandError):
