@@ -325,6 +325,28 @@ def test_a_new_global_fails_and_leaves_nothing_behind(
     assert mine.get("w") == real.get("w") == "1"  # a script is not rolled back on error
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        "return tostring(redis.call.__self__)",
+        "return tostring(redis.call['__self__'])",
+        "return tostring(getmetatable(redis.call).__index(redis.call, '__self__'))",
+        "return tostring(python)",
+        "return loadstring('return python')()",
+        "return tostring(getfenv)",
+        "return tostring(debug)",
+    ],
+)
+def test_a_script_cannot_reach_python_or_the_runtime(script: str) -> None:
+    """A script sees only what a Redis script sees: no path from it leads to a Python object's
+    attributes (the interpreter), the runtime's own globals, or the debug library."""
+    client = embedded.open_memory_sync(_url())
+    with pytest.raises(redis.ResponseError, match="script: "):
+        client.eval(script, 0)
+    assert client.eval("return redis.call('PING')", 0) == "PONG"
+    client.close()
+
+
 def test_script_flush_answers_noscript_until_loaded_again() -> None:
     """SCRIPT FLUSH, from any client of the server, drops the loaded scripts: EVALSHA answers
     NOSCRIPT until the script is loaded (and compiled) again."""

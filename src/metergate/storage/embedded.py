@@ -14,6 +14,18 @@ The clients are redis-py's own `Redis` and `asyncio.Redis` classes whose `execut
 the arguments to the server instead of a connection, and whose replies go through redis-py's
 response callbacks as usual: every redis-py command method works, pipelines too (a transaction
 runs under the lock at once). Only public APIs of redis-py and lupa are used.
+
+Why this design: the alternatives were fakeredis (its public clients run a script by compiling
+its whole source on every EVALSHA and cross a RESP round trip in Python on every `redis.call`,
+four to ten times slower than this; the fast path needed its private classes) and nothing else
+public in between. A keyspace of our own is code to keep, so it holds only what metergate sends,
+and tests/storage/test_embedded.py compares its replies and errors with a real Redis.
+
+Where it differs from Redis, knowingly: it speaks RESP2 (redis-py's default before 8.0); `~`
+trimming (XADD, XTRIM) trims exactly, which Redis allows; XREADGROUP never blocks (nothing else
+could write meanwhile); the Lua libraries bit, struct and cmsgpack are absent and the string,
+table and math tables are copies a script could change, not read-only ones; a transaction's
+queued commands are not checked for syntax before any runs (no EXECABORT).
 """
 
 from __future__ import annotations
@@ -231,12 +243,22 @@ def _json_string(text: bytes) -> bytes:
     return b'"' + b"".join(_JSON_TABLE[byte] for byte in text) + b'"'
 
 
+def _no_attributes(obj: Any, name: Any, setting: bool) -> Any:
+    raise AttributeError("a script cannot reach into Python objects")
+
+
 class _Lua:
     """One server's Lua runtime: the script environment, and the conversions to and from Lua."""
 
     def __init__(self, keyspace: Keyspace) -> None:
+        # A script holds one Python object, `redis.call`: no attribute of it may be read (its
+        # `__self__` would lead to the whole interpreter).
         self.runtime = lua.LuaRuntime(
-            encoding=None, unpack_returned_tuples=True, register_eval=False, register_builtins=False
+            encoding=None,
+            unpack_returned_tuples=True,
+            register_eval=False,
+            register_builtins=False,
+            attribute_filter=_no_attributes,
         )
         self.keyspace = keyspace
         self.table = self.runtime.table_from
@@ -560,6 +582,9 @@ class EmbeddedRedis(_Client, redis.Redis):
         super().__init__(decode_responses=decode_responses, protocol=2)
         self.server = server
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of an embedded server>"
+
     def execute_command(self, *args: Any, **options: Any) -> Any:
         """Run one command on the server and parse its reply as redis-py does."""
         return self._parse(args[0], self.server.execute(self._args(args)), options)
@@ -575,6 +600,9 @@ class EmbeddedAsyncRedis(_Client, redis.asyncio.Redis):  # type: ignore[misc]
     def __init__(self, server: EmbeddedServer, *, decode_responses: bool = True) -> None:
         super().__init__(decode_responses=decode_responses, protocol=2)
         self.server = server
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of an embedded server>"
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Run one command on the server and parse its reply as redis-py does."""
