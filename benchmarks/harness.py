@@ -233,7 +233,7 @@ def machine() -> dict[str, Any]:
     dists = [
         "metergate", "starlette", "uvicorn", "uvloop", "httptools", "httpx", "httpcore",
         "aiohttp", "redis", "hiredis", "slowapi", "limits", "flask", "gunicorn", "waitress",
-        "fakeredis", "lupa",
+        "lupa",
     ]  # fmt: skip
     try:
         load = os.getloadavg()

@@ -228,7 +228,7 @@ def markdown(results: dict[str, Any]) -> str:
         e = results["embedded"]
         lines += [
             "",
-            "## Embedded backend (memory://: fakeredis + lupa, in-process, one thread)",
+            "## Embedded backend (memory://: in-process keyspace + lupa, one thread)",
             "",
             f"- Meter (sync): {e['sync_admissions_per_s']:,} admissions/s;"
             f" AsyncMeter: {e['async_admissions_per_s']:,} admissions/s",

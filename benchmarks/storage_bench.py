@@ -130,7 +130,7 @@ def redis_cpu(
 
 
 def embedded(*, rounds: int, seconds: float) -> dict[str, Any]:
-    """Admissions per second of the embedded backend (memory://, fakeredis + lupa), one thread."""
+    """Admissions per second of the embedded backend (memory://, in-process keyspace + lupa), one thread."""
     rates_sync: list[float] = []
     rates_async: list[float] = []
     for r in range(rounds):

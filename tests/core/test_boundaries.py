@@ -41,3 +41,56 @@ def test_public_names_are_sorted_and_importable() -> None:
     assert list(metergate.__all__) == sorted(metergate.__all__)
     for name in metergate.__all__:
         assert hasattr(metergate, name), name
+
+
+def _private(name: str) -> bool:
+    """Whether a dotted name has a private (underscore, not dunder) part."""
+    return any(
+        part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+        for part in name.split(".")
+    )
+
+
+def test_no_module_uses_another_packages_private_names() -> None:
+    """No module of metergate imports a private module or name of another package, reaches one as
+    an attribute of an imported package, or fetches one with getattr: their internals are not an
+    API, and change under a new release."""
+    offenders = []
+    for path in sorted(Path(metergate.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(CORE.parent)
+        external: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "metergate":
+                        continue
+                    external.add((alias.asname or alias.name).split(".")[0])
+                    if _private(alias.name):
+                        offenders.append(f"{where}: import {alias.name}")
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.split(".")[0] in ("metergate", "__future__"):
+                    continue
+                for alias in node.names:
+                    external.add(alias.asname or alias.name)
+                    if _private(f"{node.module}.{alias.name}"):
+                        offenders.append(f"{where}: from {node.module} import {alias.name}")
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in external
+                and _private(node.attr)
+            ):
+                offenders.append(f"{where}: {node.value.id}.{node.attr}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)
+            ):
+                offenders.append(f"{where}: {node.func.id}(..., {node.args[1].value!r})")
+    assert offenders == []

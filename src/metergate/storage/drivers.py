@@ -1,4 +1,4 @@
-"""Sync and async drivers over redis-py clients (or fakeredis, which mimics them for `memory://`).
+"""Sync and async drivers over redis-py clients (for `memory://`, ones of the embedded server).
 
 A mutating script is never retried blindly: redis-py's own retries are switched off (on plain
 clients, on Cluster clients, sync and asyncio), and the only second attempt is after NOSCRIPT,
@@ -43,18 +43,14 @@ from metergate.core.flows import Batch, Command, Script
 from metergate.storage.blocking import BlockingClient
 from metergate.storage.cluster import PipelinedCluster
 from metergate.storage.pipelined import PipelinedConnection, RedisReplyError
+from metergate.storage.replies import reply_error
 from metergate.storage.scripts import load_script
 
 __all__ = ["AsyncStorage", "SyncStorage", "UnsafeStorage", "open_async", "open_sync"]
 
 # An error reply of the lean blocking client becomes what redis-py raises for it (the same class,
 # the same message), so that `_error` maps both clients' errors alike.
-try:
-    from redis._parsers.base import BaseParser
-
-    _reply_error: Callable[[str], Exception] = BaseParser.parse_error
-except ImportError:  # a redis-py without it: the error code stays in the message
-    _reply_error = redis.ResponseError
+_reply_error: Callable[[str], Exception] = reply_error
 
 logger = logging.getLogger("metergate")
 
