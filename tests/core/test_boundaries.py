@@ -41,3 +41,11 @@ def test_public_names_are_sorted_and_importable() -> None:
     assert list(metergate.__all__) == sorted(metergate.__all__)
     for name in metergate.__all__:
         assert hasattr(metergate, name), name
+
+
+def test_admin_app_is_a_public_name() -> None:
+    """`metergate.admin_app`, which the README and the SPEC document, is exported."""
+    from metergate.admin import admin_app
+
+    assert "admin_app" in metergate.__all__
+    assert metergate.admin_app is admin_app
