@@ -906,6 +906,10 @@ def _decision(
     base = 5 + 7 * n
     available = {name: int(reply[base + 1 + 3 * j]) for j, name in enumerate(balances)}
     metric = assets[refused - 1].metric if refused else None
+    refused_by = None
+    if refused and slug == "quota-exceeded" and metric is not None:
+        tier = assets[refused - 1].quota_tier(usages[metric].value)
+        refused_by = (tier.level, tier.policy) if tier else None
     detail = _PROBLEM_DETAIL.get(slug or "", "").format(metric=metric) or None
     retry = None if retry_ms < 0 else max(1, math.ceil(retry_ms / 1000))
     return Decision(
@@ -920,4 +924,5 @@ def _decision(
         assets=usages,
         balances=available,
         ticket=ticket if status == 200 else None,
+        refused_by=refused_by,
     )

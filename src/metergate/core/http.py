@@ -330,6 +330,10 @@ class Gate:
             # RFC 9110 11.6.1: a 401 carries a challenge naming how to authenticate.
             headers.append(("www-authenticate", self.challenge()))
         usage = decision.assets.get(decision.metric or "")
+        level = usage.level if usage else decision.level
+        policy = usage.policy if usage else None
+        if decision.refused_by is not None:  # the tier that refused, not the value's own
+            level, policy = decision.refused_by
         return problem(
             decision.problem or "forbidden",
             decision.status,
@@ -337,8 +341,8 @@ class Gate:
             headers,
             customer=decision.customer or None,
             metric=decision.metric,
-            level=usage.level if usage else decision.level,
-            policy=usage.policy if usage else None,
+            level=level,
+            policy=policy,
             retry_after=decision.retry_after,
         )
 

@@ -104,3 +104,5 @@ class Decision:
     """Per balance charged or held: `available` after the admission."""
     ticket: Ticket | None = None
     degraded: bool = False
+    refused_by: tuple[str, str] | None = None
+    """For a refusal by a tier: the (level, policy) of the tier that refused."""
