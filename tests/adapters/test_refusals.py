@@ -139,6 +139,9 @@ def test_concurrency_limit_is_429_with_retry_after_1(gateway: Gateway) -> None:
             retry_after=1,
         )
         assert response.headers["retry-after"] == "1"
+        # RFC 9651 parse: the concurrency item counts requests in flight, it has no window
+        policy = sf_items(response.headers["ratelimit-policy"])["in_flight"]
+        assert policy == {"q": 2, "qu": "concurrent-requests"}
 
 
 def test_unmatched_deny_is_404(

@@ -876,6 +876,7 @@ def _usage(
         period_start=window[0] if window else None,
         period_end=window[1] if window else None,
         throttle=throttle,
+        concurrent=asset.kind == "U",
     )
 
 

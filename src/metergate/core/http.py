@@ -190,9 +190,11 @@ def _sf_string(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _policy_item(name: str, limit: int, window: int | None) -> str:
+def _policy_item(name: str, limit: int, window: int | None, unit: str | None = None) -> str:
     """One RateLimit-Policy item; its parts change only with the plan or the period."""
     item = f"{_sf_string(name)};q={limit}"
+    if unit is not None:
+        item += f";qu={_sf_string(unit)}"
     return item if window is None else f"{item};w={window}"
 
 
@@ -208,7 +210,8 @@ def ratelimit_fields(decision: Decision, now_s: float) -> list[tuple[str, str]]:
                 reset = max(0, math.ceil(end - now_s))
                 limits.append(f"{_sf_string(metric)};r={usage.remaining or 0};t={reset}")
             else:
-                policies.append(_policy_item(metric, usage.limit, None))
+                unit = "concurrent-requests" if usage.concurrent else None
+                policies.append(_policy_item(metric, usage.limit, None, unit))
                 limits.append(f"{_sf_string(metric)};r={usage.remaining or 0}")
         if usage.throttle is not None:
             name = f"{metric}-throttle"
