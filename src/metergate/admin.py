@@ -22,7 +22,7 @@ from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnav
 from metergate.core.flows import Command
 from metergate.core.http import problem
 from metergate.meter import AsyncMeter, ConfigSource, as_config
-from metergate.observability import REGISTRY
+from metergate.observability import REGISTRY, WEBHOOK_BACKLOG
 
 __all__ = ["admin_app"]
 
@@ -360,6 +360,11 @@ class AdminAPI:
         return _json(body, status)
 
     async def metrics(self, request: Request) -> Response:
+        from metergate.worker.backlog import webhook_backlog
+
+        backlog = await webhook_backlog(self.meter.storage, self.meter.core.keys)
+        if backlog is not None:
+            WEBHOOK_BACKLOG.set(backlog)
         return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: Request) -> Response:

@@ -6,13 +6,18 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tests.adapters.harness import serve_asgi
 from tests.gateway.test_proxy import KEY, UPSTREAM, gateway_config
+from tests.worker.conftest import run
 
 from conftest import Clock, with_storage
-from metergate import create_app
+from metergate import admin_app, create_app, parse_config
+from metergate.storage import AsyncStorage
+from metergate.worker import Worker
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+TOKEN = "standards-admin-token-0123"
 
 
 @pytest.fixture
@@ -32,3 +37,41 @@ def test_a_proxied_response_carries_one_date(proxy: str) -> None:
     refused = httpx.get(f"{proxy}/v1/x")
     assert refused.status_code == 401
     assert len(refused.headers.get_list("date")) == 1
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Parse Prometheus text exposition with prometheus_client's own parser."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def test_metrics_parse_and_count_the_webhook_backlog(storage_url: str, clock: Clock) -> None:
+    """/metrics parses as Prometheus text; the backlog counts three pending events, then none."""
+    config = with_storage(gateway_config("http://127.0.0.1:9"), storage_url)
+    config["admin"] = {"token": TOKEN}
+    with (
+        serve_asgi(admin_app(config)) as admin_url,
+        httpx.Client(base_url=admin_url, headers={"Authorization": f"Bearer {TOKEN}"}) as client,
+    ):
+        assert httpx.get(f"{admin_url}/metrics").status_code == 401
+        before = _samples(client.get("/metrics").text)["metergate_webhook_backlog"]
+        for _ in range(3):
+            assert client.post(
+                "/v1/customers/c/balances/credits/topup", json={"amount": 1}
+            ).is_success
+        after = client.get("/metrics")
+        assert after.headers["content-type"].startswith("text/plain; version=")
+        samples = _samples(after.text)
+        assert samples["metergate_webhook_backlog"] == before + 3
+        assert "metergate_decision_seconds_count" in samples
+
+        async def deliver(storage: AsyncStorage) -> None:
+            async with httpx.AsyncClient() as http:
+                await Worker(parse_config(config), storage, clock, http).run_once()
+
+        run(deliver, storage_url)
+        assert _samples(client.get("/metrics").text)["metergate_webhook_backlog"] == 0
