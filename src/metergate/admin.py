@@ -23,6 +23,7 @@ from metergate.core.flows import Command
 from metergate.core.http import problem
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import REGISTRY, WEBHOOK_BACKLOG
+from metergate.openapi import build_document
 
 __all__ = ["admin_app"]
 
@@ -201,7 +202,7 @@ class AdminAPI:
         cid = request.path_params["id"]
         spec = {"entitlement": body.entitlement, "balances": body.balances}
         await self.meter.put_customer(cid, spec)
-        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+        return await self.get_customer(request)
 
     async def get_customer(self, request: Request) -> Response:
         cid = request.path_params["id"]
@@ -234,7 +235,7 @@ class AdminAPI:
         if current is None:
             raise NotFound(f"customer '{cid}' does not exist")
         await self.meter.set_entitlement(cid, body.plan or current.plan, body.anchor, body.timezone)
-        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+        return await self.get_customer(request)
 
     # -- usage -------------------------------------------------------------------------------
 
@@ -456,11 +457,19 @@ ROUTES: list[tuple[str, str, str, bool, type[_Body] | None, str]] = [
     ),
     (
         "POST",
-        "/v1/reservations/{rid}/{action:commit|release}",
+        "/v1/reservations/{rid}/{action:commit}",
         "close_reservation",
         True,
         AmountBody,
-        "Commit or release a reservation",
+        "Commit a reservation: charge the amount, release the rest",
+    ),
+    (
+        "POST",
+        "/v1/reservations/{rid}/{action:release}",
+        "close_reservation",
+        True,
+        None,
+        "Release a reservation",
     ),
     ("GET", "/v1/customers/{id}/ledger", "ledger", False, None, "Balance mutations, newest first"),
     ("GET", "/v1/events", "events", False, None, "The outbox"),
@@ -479,56 +488,12 @@ def _with_action(handler: Handler, action: str | None) -> Handler:
     return endpoint
 
 
-def _openapi() -> dict[str, Any]:
-    import re
+def _by_method(handlers: dict[str, Handler]) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
 
-    paths: dict[str, Any] = {}
-    for method, path, name, mutation, model, summary in ROUTES:
-        for choice_path in _expand_choices(path):
-            op: dict[str, Any] = {
-                "operationId": name + "_" + re.sub(r"\W+", "_", choice_path).strip("_"),
-                "summary": summary,
-                "security": [{"bearer": []}],
-                "parameters": [
-                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for p in re.findall(r"\{(\w+)\}", choice_path)
-                ],
-                "responses": {
-                    "200": {"description": "OK"},
-                    "401": {"description": "no or wrong admin token"},
-                    "404": {"description": "not found"},
-                    "422": {"description": "invalid request"},
-                },
-            }
-            if mutation:
-                op["parameters"].append(
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    }
-                )
-            if model is not None:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": model.model_json_schema()}},
-                }
-            paths.setdefault(choice_path, {})[method.lower()] = op
-    paths["/healthz"] = {"get": {"summary": "Health", "responses": {"200": {"description": "OK"}}}}
-    paths["/metrics"] = {
-        "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "metergate admin API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "paths": paths,
-    }
-
-
-def _expand_choices(path: str) -> list[str]:
-    return [p for p, _ in _choices(path)]
+    return endpoint
 
 
 def _choices(path: str) -> list[tuple[str, str | None]]:
@@ -544,7 +509,7 @@ def _choices(path: str) -> list[tuple[str, str | None]]:
     ]
 
 
-OPENAPI = _openapi()
+OPENAPI = build_document(ROUTES)
 
 
 def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starlette:
@@ -561,14 +526,15 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         if owned:  # a meter handed in belongs to the caller, who closes it
             await api.meter.aclose()
 
+    # One Route per path, so a 405 lists every method of the path in `Allow`.
+    by_path: dict[str, dict[str, Handler]] = {}
+    for method, path, name, mutation, _model, _summary in ROUTES:
+        for literal, action in _choices(path):
+            handler = api.guard(_with_action(getattr(api, name), action), mutation=mutation)
+            by_path.setdefault(literal, {})[method] = handler
     routes = [
-        Route(
-            literal,
-            api.guard(_with_action(getattr(api, name), action), mutation=mutation),
-            methods=[method],
-        )
-        for method, path, name, mutation, _model, _summary in ROUTES
-        for literal, action in _choices(path)
+        Route(literal, _by_method(handlers), methods=list(handlers))
+        for literal, handlers in by_path.items()
     ]
     routes += [
         Route("/healthz", api.healthz, methods=["GET"]),

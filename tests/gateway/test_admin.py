@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
+from tests.gateway.openapi_check import checked_client
 from tests.gateway.test_proxy import UPSTREAM, gateway_config
 
 from conftest import Clock, with_storage
@@ -19,7 +20,8 @@ TOKEN = "admin-token-0123456789"
 
 @pytest.fixture
 def admin(storage_url: str, clock: Clock) -> Iterator[tuple[httpx.Client, str]]:
-    """The admin API and the proxy over the same storage; yields an authorized client and the proxy URL."""
+    """The admin API and the proxy over the same storage; yields an authorized client (each of its
+    responses validated against the served OpenAPI document) and the proxy URL."""
     with serve_asgi(UPSTREAM) as upstream:
         config = with_storage(gateway_config(upstream), storage_url)
         config["admin"] = {"token": TOKEN}
@@ -27,7 +29,7 @@ def admin(storage_url: str, clock: Clock) -> Iterator[tuple[httpx.Client, str]]:
             serve_asgi(admin_app(config)) as admin_url,
             serve_asgi(create_app(config, clock=clock)) as proxy,
         ):
-            client = httpx.Client(base_url=admin_url, headers={"Authorization": f"Bearer {TOKEN}"})
+            client = checked_client(admin_url, TOKEN)
             yield client, proxy
             client.close()
 
