@@ -172,11 +172,12 @@ def test_events_and_redeliver_commands(tmp_path: Path) -> None:
     path.write_text(json.dumps(config))
     with Meter(str(path)) as meter:
         meter.topup("c", "credits", 5)
+        event_id = f"evt_{meter.core.deployment}_c_1"
     runner = CliRunner()
     listed = runner.invoke(main, ["events", "--config", str(path)])
     assert listed.exit_code == 0
-    assert "queued evt_c_1  balance.topped_up" in listed.output
-    again = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_1"])
-    assert (again.exit_code, again.output) == (0, "metergate: evt_c_1 queued for delivery\n")
+    assert f"queued {event_id}  balance.topped_up" in listed.output
+    again = runner.invoke(main, ["redeliver", "--config", str(path), event_id])
+    assert (again.exit_code, again.output) == (0, f"metergate: {event_id} queued for delivery\n")
     missing = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_99"])
     assert missing.exit_code == 1

@@ -129,11 +129,7 @@ def _event(stream_id: str, fields: Any, partition: int) -> dict[str, Any]:
 
 def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
     """Deliver an event again: a dead letter to its one destination, else to every endpoint."""
-    customer = (
-        event_id.removeprefix("evt_").rsplit("_", 1)[0] if event_id.startswith("evt_") else None
-    )
-    partitions = [core.keys.partition(customer)] if customer else range(core.keys.partitions)
-    for partition in partitions:
+    for partition in _partitions_of(core, event_id):
         for key in (core.keys.dead_letters(partition), core.keys.outbox(partition)):
             rows = yield Command(("XRANGE", key, "-", "+"))
             for stream_id, fields in reversed(rows or []):
@@ -155,6 +151,19 @@ def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
                 yield Command(("XADD", core.keys.outbox(partition), "*", *copy))
                 return event
     raise NotFound(f"event '{event_id}' does not exist")
+
+
+def _partitions_of(core: MeterCore, event_id: str) -> list[int]:
+    """The partitions to search for an event: its customer's first (from an id
+    `evt_<deployment>_<customer>_<seq>` or `evt_<customer>_<seq>`), then every other."""
+    first: list[int] = []
+    if event_id.startswith("evt_"):
+        middle = event_id.removeprefix("evt_").rsplit("_", 1)[0]
+        deployment, _, customer = middle.partition("_")
+        for candidate in (middle, customer if len(deployment) == 26 else ""):
+            if candidate and core.keys.partition(candidate) not in first:
+                first.append(core.keys.partition(candidate))
+    return first + [p for p in range(core.keys.partitions) if p not in first]
 
 
 def fingerprint(body: bytes) -> str:

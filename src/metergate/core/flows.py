@@ -28,6 +28,7 @@ from metergate.config import (
     hash_api_key,
 )
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
+from metergate.core.ids import new_ulid
 from metergate.core.keys import Keys
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
 from metergate.core.plans import CompiledAsset, compile_plans
@@ -188,6 +189,7 @@ class MeterCore:
         self._bootstrapped = False
         self._generations: dict[str, str] = {}  # sentinel key -> the value seen at bootstrap
         self._lost: set[str] = set()  # sentinel keys missing at bootstrap while others were there
+        self.deployment = ""  # this deployment's id, read (or chosen) at bootstrap
         # Hold ids of admissions without an idempotency key: unique per process by a random
         # prefix, then a counter (a uuid4 per admission costs a system call).
         self._ids_prefix = uuid.uuid4().hex[:12]
@@ -260,6 +262,7 @@ class MeterCore:
                 ", ".join(sorted(lost)[:5]) + (", ..." if len(lost) > 5 else ""),
             )
         self._generations.update(found)
+        yield from self._load_deployment()
         for cid, customer in self.config.customers.items():
             _check_name(cid, "customer")
             if self.sentinel(self.keys.partition(cid)) in lost:
@@ -282,6 +285,16 @@ class MeterCore:
             )
         self._bootstrapped = True
 
+    def deployment_key(self) -> str:
+        """Return the key holding the deployment's id (a ULID chosen by the first process)."""
+        return f"{self.keys.prefix}:deployment"
+
+    def _load_deployment(self) -> Flow[None]:
+        key = self.deployment_key()
+        chosen = new_ulid(int(self.clock() * 1000))
+        _, value = yield Batch((("SET", key, chosen, "NX"), ("GET", key)))
+        self.deployment = str(value or chosen)
+
     def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
         """Create or replace a customer's entitlement; create its missing balances and keys."""
         yield from self.bootstrap()
@@ -300,7 +313,14 @@ class MeterCore:
         yield Script(
             "customer",
             (self.keys.customer(cid),),
-            (ent.plan, anchor, ent.timezone, "1" if only_if_missing else "0"),
+            (
+                ent.plan,
+                anchor,
+                ent.timezone,
+                "1" if only_if_missing else "0",
+                str(int(self.clock() * 1000)),
+                self.deployment,
+            ),
         )
         yield Command(("SADD", self.keys.customers, cid))
         for name, balance in spec.balances.items():
@@ -337,7 +357,14 @@ class MeterCore:
         yield Script(
             "customer",
             (self.keys.customer(customer),),
-            (plan, anchor.isoformat() if anchor else "", tz, "0"),
+            (
+                plan,
+                anchor.isoformat() if anchor else "",
+                tz,
+                "0",
+                str(int(self.clock() * 1000)),
+                self.deployment,
+            ),
         )
         yield Command(("SADD", self.keys.customers, customer))
         self._entitlements.pop(customer, None)
