@@ -21,6 +21,7 @@ _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _NULL_INT = {"type": ["integer", "null"]}
 _NULL_STR = {"type": ["string", "null"]}
+_DATE_TIME = {"type": "string", "format": "date-time"}
 
 
 def _object(properties: dict[str, Any], *, extra: bool = False) -> dict[str, Any]:
@@ -84,11 +85,15 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         }
     ),
     "Entitlement": _object({"plan": _STR, "anchor": _NULL_STR, "timezone": _STR}),
+    "EntitlementPeriod": _object(
+        {"plan": _STR, "anchor": _NULL_STR, "timezone": _STR, "since": _DATE_TIME}
+    ),
     "Customer": {
         **_object(
             {
                 "id": _STR,
                 "entitlement": _ref("Entitlement"),
+                "history": {"type": "array", "items": _ref("EntitlementPeriod")},
                 "api_keys": {"type": "array", "items": _STR},
                 "balances": {"type": "object", "additionalProperties": _ref("Balance")},
             }

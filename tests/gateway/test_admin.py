@@ -217,3 +217,25 @@ def test_dead_letters_are_listed_and_redelivered_to_their_destination(
     assert entries[-1][1]["only"] == "wh_abc"
     assert entries[-1][1]["id"] == queued["id"]
     meter.close()
+
+
+def test_customer_shows_its_entitlement_history(admin: tuple[httpx.Client, str]) -> None:
+    """GET /v1/customers/{id} lists the entitlements in force, oldest first, each with an RFC 3339
+    `since`; writing the same entitlement again adds nothing."""
+    from datetime import datetime
+
+    client, _ = admin
+    client.put("/v1/customers/hist", json={"entitlement": {"plan": "p"}})
+    client.put("/v1/customers/hist/entitlement", json={"timezone": "Europe/Paris"})
+    client.put("/v1/customers/hist/entitlement", json={"timezone": "Europe/Paris"})
+    anchor = "2027-01-15T00:00:00+00:00"
+    client.put("/v1/customers/hist/entitlement", json={"anchor": anchor})
+    history = client.get("/v1/customers/hist").json()["history"]
+    assert [(h["plan"], h["anchor"], h["timezone"]) for h in history] == [
+        ("p", None, "UTC"),
+        ("p", None, "Europe/Paris"),
+        ("p", anchor, "Europe/Paris"),
+    ]
+    since = [datetime.fromisoformat(h["since"]) for h in history]
+    assert all(h["since"].endswith("Z") for h in history)
+    assert since == sorted(since)

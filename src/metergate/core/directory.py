@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from metergate.config import hash_api_key
@@ -72,6 +73,7 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
     if ent is None:
         raise NotFound(f"customer '{customer}' does not exist")
     key_ids = yield Command(("HKEYS", _customer_keys(core, customer)))
+    raw_history = yield Command(("HGET", core.keys.customer(customer), "hist"))
     configured = core.config.customers.get(customer)
     ids = set(key_ids or [])
     if configured is not None:
@@ -86,9 +88,33 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
             "anchor": ent.anchor.isoformat() if ent.anchor else None,
             "timezone": ent.timezone,
         },
+        "history": _history(raw_history, ent),
         "api_keys": sorted(ids),
         "balances": sorted(balances),
     }
+
+
+def _rfc3339(ms: int) -> str:
+    spec = "seconds" if ms % 1000 == 0 else "milliseconds"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+def _history(raw: str | None, current: Entitlement) -> list[dict[str, Any]]:
+    """The entitlements in force over time, oldest first: `{plan, anchor, timezone, since}`.
+    A customer stored before histories were kept shows its current entitlement since the epoch."""
+    rows = json.loads(raw) if raw else []
+    if not rows:
+        anchor = current.anchor.isoformat() if current.anchor else ""
+        rows = [[current.plan, anchor, current.timezone, "0"]]
+    return [
+        {
+            "plan": plan,
+            "anchor": anchor or None,
+            "timezone": timezone,
+            "since": _rfc3339(int(since)),
+        }
+        for plan, anchor, timezone, since in rows
+    ]
 
 
 def events(core: MeterCore, limit: int = 100) -> Flow[list[dict[str, Any]]]:
