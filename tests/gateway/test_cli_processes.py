@@ -137,7 +137,8 @@ def test_check_and_serve_report_a_bad_config_in_one_line(tmp_path: Path) -> None
 
 
 def test_demo_runs_to_completion_with_webhooks() -> None:
-    """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0."""
+    """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0; piped,
+    its table has every step from the first, and each step answered the status it shows."""
     proc = subprocess.run(
         [sys.executable, "-m", "metergate", "demo"],
         capture_output=True,
@@ -157,6 +158,15 @@ def test_demo_runs_to_completion_with_webhooks() -> None:
     ):
         assert expected in proc.stdout, expected
     assert "Traceback" not in proc.stderr
+    rows = [line.split("│")[1:5] for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    steps = [tuple(cell.strip() for cell in row) for row in rows]
+    assert steps[0] == ("call 1: Normal tier, 1 credit each", "200", "", "Normal")
+    assert f"All {len(steps)} steps answered as intended." in proc.stdout, proc.stdout
+    shown = {what: (status, problem, level) for what, status, problem, level in steps}
+    assert shown["chat: tokens priced from the response"] == ("200", "", "Normal")
+    assert shown["chat: inside the grace tier, admitted"] == ("200", "", "OverUsage")
+    assert shown["call 15: past the Deny limit"] == ("429", "quota-exceeded", "OverUsage")
+    assert shown["completion with no credit left"][:2] == ("402", "insufficient-credits")
 
 
 def test_events_and_redeliver_commands(tmp_path: Path) -> None:
