@@ -75,3 +75,28 @@ def test_metrics_parse_and_count_the_webhook_backlog(storage_url: str, clock: Cl
 
         run(deliver, storage_url)
         assert _samples(client.get("/metrics").text)["metergate_webhook_backlog"] == 0
+
+
+def _sf_items(field: str) -> dict[str, dict[str, object]]:
+    import http_sfv
+
+    parsed = http_sfv.List()
+    parsed.parse(field.encode())
+    assert all(isinstance(item.value, str) for item in parsed)  # items name policies
+    return {str(item.value): dict(item.params) for item in parsed}
+
+
+def test_ratelimit_fields_parse_as_rfc_9651_lists(proxy: str) -> None:
+    """RateLimit-Policy and RateLimit parse with http-sfv (RFC 9651) and carry only the draft's
+    parameters: a period quota has q and w, r and t; the concurrency item says qu
+    concurrent-requests and has no window."""
+    periodic = httpx.get(f"{proxy}/v1/x", headers=AUTH)
+    policy = _sf_items(periodic.headers["ratelimit-policy"])
+    assert set(policy) == {"calls"} and set(policy["calls"]) == {"q", "w"}
+    assert policy["calls"]["q"] == 100
+    assert set(_sf_items(periodic.headers["ratelimit"])["calls"]) == {"r", "t"}
+    concurrent = httpx.get(f"{proxy}/stream", headers=AUTH)
+    assert _sf_items(concurrent.headers["ratelimit-policy"]) == {
+        "in_flight": {"q": 5, "qu": "concurrent-requests"}
+    }
+    assert set(_sf_items(concurrent.headers["ratelimit"])["in_flight"]) == {"r"}
