@@ -257,7 +257,16 @@ class AdminAPI:
         if not decision.allowed:
             if decision.status == 401:
                 raise NotFound(f"customer '{cid}' does not exist")
-            extra = {"retry_after": decision.retry_after, "metric": decision.metric}
+            refused = decision.assets.get(decision.metric or "")
+            level, policy = decision.refused_by or (
+                (refused.level, refused.policy) if refused else (None, None)
+            )
+            extra = {
+                "retry_after": decision.retry_after,
+                "metric": decision.metric,
+                "level": level,
+                "policy": policy,
+            }
             return _answer(str(decision.problem), decision.status, decision.detail or "", **extra)
         usage = decision.assets[body.metric].as_dict()
         return _json({"customer": cid, "metric": body.metric, **usage})

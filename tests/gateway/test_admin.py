@@ -239,3 +239,15 @@ def test_customer_shows_its_entitlement_history(admin: tuple[httpx.Client, str])
     since = [datetime.fromisoformat(h["since"]) for h in history]
     assert all(h["since"].endswith("Z") for h in history)
     assert since == sorted(since)
+
+
+def test_usage_refused_at_a_deny_tier_names_that_tier(admin: tuple[httpx.Client, str]) -> None:
+    """POST usage past the Deny tier is 429 quota-exceeded with policy Deny and the tier's level."""
+    client, _ = admin
+    r = client.post("/v1/customers/c/usage", json={"metric": "calls", "value": 101})
+    assert (r.status_code, problem_type(r)) == (429, "quota-exceeded")
+    assert (r.json()["policy"], r.json()["level"], r.json()["metric"]) == (
+        "Deny",
+        "OverUsage",
+        "calls",
+    )
