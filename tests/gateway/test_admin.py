@@ -40,15 +40,16 @@ def problem_type(response: httpx.Response) -> str:
 
 
 def test_every_call_but_healthz_needs_the_token(admin: tuple[httpx.Client, str]) -> None:
-    """Without the bearer token the API answers 401; /healthz answers without it."""
+    """Without the bearer token the API answers 401 (/metrics too); /healthz answers without it."""
     client, _ = admin
-    anonymous = httpx.Client(base_url=str(client.base_url))
+    anonymous = httpx.Client(base_url=str(client.base_url), event_hooks=client.event_hooks)
     assert anonymous.get("/v1/customers/c").status_code == 401
     assert (
         anonymous.get("/v1/customers/c", headers={"Authorization": "Bearer wrong"}).status_code
         == 401
     )
     assert anonymous.get("/healthz").status_code == 200
+    assert anonymous.get("/metrics").status_code == 401
     anonymous.close()
 
 

@@ -85,3 +85,22 @@ def test_generated_cases_sent_bodies() -> None:
         if "requestBody" in op
     }
     assert takes_body and takes_body <= set(SENT), takes_body - set(SENT)
+
+
+def test_the_response_checker_refuses_what_the_document_does_not_say() -> None:
+    """The openapi-core hook used by the admin tests fails an undeclared status or a wrong shape."""
+    import httpx
+    import pytest
+    from openapi_core.exceptions import OpenAPIError
+    from tests.gateway.openapi_check import response_checker
+
+    check = response_checker(OPENAPI)
+    request = httpx.Request("GET", "http://admin.test/v1/customers/c/balances/credits")
+    good = {"amount": 1, "held": 0, "available": 1, "overage": 0, "unit": "credits"}
+    check(httpx.Response(200, json={**good, "suspended": False, "low_at": None}, request=request))
+    for wrong in (
+        httpx.Response(418, json={}, request=request),
+        httpx.Response(200, json={**good, "suspended": "no", "low_at": None}, request=request),
+    ):
+        with pytest.raises(OpenAPIError):
+            check(wrong)
