@@ -1,5 +1,6 @@
 """metergate: meter API usage, enforce quotas and draw down prepaid credits in one atomic step."""
 
+from metergate.admin import admin_app
 from metergate.asgi import MeteringMiddleware
 from metergate.config import ConfigError, GatewayConfig, load_config, parse_config
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
@@ -24,6 +25,7 @@ __all__ = [
     "Throttle",
     "Ticket",
     "WSGIMeteringMiddleware",
+    "admin_app",
     "create_app",
     "load_config",
     "parse_config",

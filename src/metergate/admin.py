@@ -22,7 +22,8 @@ from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnav
 from metergate.core.flows import Command
 from metergate.core.http import problem
 from metergate.meter import AsyncMeter, ConfigSource, as_config
-from metergate.observability import REGISTRY
+from metergate.observability import REGISTRY, WEBHOOK_BACKLOG
+from metergate.openapi import build_document
 from metergate.ui import dashboard_app
 
 __all__ = ["admin_app"]
@@ -202,7 +203,7 @@ class AdminAPI:
         cid = request.path_params["id"]
         spec = {"entitlement": body.entitlement, "balances": body.balances}
         await self.meter.put_customer(cid, spec)
-        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+        return await self.get_customer(request)
 
     async def get_customer(self, request: Request) -> Response:
         return _json(await self.customer(request.path_params["id"]))
@@ -238,7 +239,7 @@ class AdminAPI:
         if current is None:
             raise NotFound(f"customer '{cid}' does not exist")
         await self.meter.set_entitlement(cid, body.plan or current.plan, body.anchor, body.timezone)
-        return _json(await self.meter._drive(directory.customer_view(self.meter.core, cid)))
+        return await self.get_customer(request)
 
     # -- usage -------------------------------------------------------------------------------
 
@@ -263,7 +264,16 @@ class AdminAPI:
         if not decision.allowed:
             if decision.status == 401:
                 raise NotFound(f"customer '{cid}' does not exist")
-            extra = {"retry_after": decision.retry_after, "metric": decision.metric}
+            refused = decision.assets.get(decision.metric or "")
+            level, policy = decision.refused_by or (
+                (refused.level, refused.policy) if refused else (None, None)
+            )
+            extra = {
+                "retry_after": decision.retry_after,
+                "metric": decision.metric,
+                "level": level,
+                "policy": policy,
+            }
             return _answer(str(decision.problem), decision.status, decision.detail or "", **extra)
         usage = decision.assets[body.metric].as_dict()
         return _json({"customer": cid, "metric": body.metric, **usage})
@@ -367,6 +377,11 @@ class AdminAPI:
         return _json(body, status)
 
     async def metrics(self, request: Request) -> Response:
+        from metergate.worker.backlog import webhook_backlog
+
+        backlog = await webhook_backlog(self.meter.storage, self.meter.core.keys)
+        if backlog is not None:
+            WEBHOOK_BACKLOG.set(backlog)
         return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: Request) -> Response:
@@ -458,11 +473,19 @@ ROUTES: list[tuple[str, str, str, bool, type[_Body] | None, str]] = [
     ),
     (
         "POST",
-        "/v1/reservations/{rid}/{action:commit|release}",
+        "/v1/reservations/{rid}/{action:commit}",
         "close_reservation",
         True,
         AmountBody,
-        "Commit or release a reservation",
+        "Commit a reservation: charge the amount, release the rest",
+    ),
+    (
+        "POST",
+        "/v1/reservations/{rid}/{action:release}",
+        "close_reservation",
+        True,
+        None,
+        "Release a reservation",
     ),
     ("GET", "/v1/customers/{id}/ledger", "ledger", False, None, "Balance mutations, newest first"),
     ("GET", "/v1/events", "events", False, None, "The outbox"),
@@ -481,56 +504,12 @@ def _with_action(handler: Handler, action: str | None) -> Handler:
     return endpoint
 
 
-def _openapi() -> dict[str, Any]:
-    import re
+def _by_method(handlers: dict[str, Handler]) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
 
-    paths: dict[str, Any] = {}
-    for method, path, name, mutation, model, summary in ROUTES:
-        for choice_path in _expand_choices(path):
-            op: dict[str, Any] = {
-                "operationId": name + "_" + re.sub(r"\W+", "_", choice_path).strip("_"),
-                "summary": summary,
-                "security": [{"bearer": []}],
-                "parameters": [
-                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for p in re.findall(r"\{(\w+)\}", choice_path)
-                ],
-                "responses": {
-                    "200": {"description": "OK"},
-                    "401": {"description": "no or wrong admin token"},
-                    "404": {"description": "not found"},
-                    "422": {"description": "invalid request"},
-                },
-            }
-            if mutation:
-                op["parameters"].append(
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    }
-                )
-            if model is not None:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": model.model_json_schema()}},
-                }
-            paths.setdefault(choice_path, {})[method.lower()] = op
-    paths["/healthz"] = {"get": {"summary": "Health", "responses": {"200": {"description": "OK"}}}}
-    paths["/metrics"] = {
-        "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "metergate admin API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "paths": paths,
-    }
-
-
-def _expand_choices(path: str) -> list[str]:
-    return [p for p, _ in _choices(path)]
+    return endpoint
 
 
 def _choices(path: str) -> list[tuple[str, str | None]]:
@@ -546,7 +525,7 @@ def _choices(path: str) -> list[tuple[str, str | None]]:
     ]
 
 
-OPENAPI = _openapi()
+OPENAPI = build_document(ROUTES)
 
 
 def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starlette:
@@ -563,14 +542,15 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         if owned:  # a meter handed in belongs to the caller, who closes it
             await api.meter.aclose()
 
+    # One Route per path, so a 405 lists every method of the path in `Allow`.
+    by_path: dict[str, dict[str, Handler]] = {}
+    for method, path, name, mutation, _model, _summary in ROUTES:
+        for literal, action in _choices(path):
+            handler = api.guard(_with_action(getattr(api, name), action), mutation=mutation)
+            by_path.setdefault(literal, {})[method] = handler
     routes = [
-        Route(
-            literal,
-            api.guard(_with_action(getattr(api, name), action), mutation=mutation),
-            methods=[method],
-        )
-        for method, path, name, mutation, _model, _summary in ROUTES
-        for literal, action in _choices(path)
+        Route(literal, _by_method(handlers), methods=list(handlers))
+        for literal, handlers in by_path.items()
     ]
     routes += [
         Route("/healthz", api.healthz, methods=["GET"]),

@@ -358,13 +358,27 @@ class WebhookConfig(_Model):
     events: list[str] = ["*"]
 
 
+STRIPE_API_VERSION = "2026-10-28.endive"
+"""The Stripe API version metergate's requests are written against (sent as `Stripe-Version`)."""
+
+
+class StripeMeterConfig(_Model):
+    """A Stripe meter: its `event_name` and the payload keys it reads the customer and value from."""
+
+    event_name: str = Field(min_length=1, max_length=100)
+    customer_key: str = Field(default="stripe_customer_id", min_length=1, max_length=100)
+    value_key: str = Field(default="value", min_length=1, max_length=100)
+
+
 class StripeConfig(_Model):
     """Send `usage.reported` to Stripe as billing meter events."""
 
     api_key: str = Field(min_length=1)
     """A secret or restricted key (`sk_...`, `rk_...`); write `${STRIPE_API_KEY}`."""
-    meters: dict[str, str]
-    """metric -> the Stripe meter's `event_name`."""
+    meters: dict[str, Annotated[str, Field(min_length=1, max_length=100)] | StripeMeterConfig]
+    """metric -> the Stripe meter's `event_name`, or `{event_name, customer_key, value_key}`."""
+    api_version: str = Field(default=STRIPE_API_VERSION, min_length=1, max_length=64)
+    """The `Stripe-Version` every request pins."""
     customers: dict[str, str] = {}
     """metergate customer -> Stripe customer id (`cus_...`)."""
     value: Literal["quantity", "overage_quantity", "credits_charged"] = "quantity"

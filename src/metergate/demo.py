@@ -8,6 +8,7 @@ and the signed webhooks the billing provider would receive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Callable
@@ -98,7 +99,7 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
                                     "from": 2000,
                                     "level": "OverUsage",
                                     "policy": "AllowWithGrace",
-                                    "grace": 500,
+                                    "grace": 1500,
                                     "price": {"per_unit": 2, "per": 100},
                                 },
                             ],
@@ -125,10 +126,9 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
                     "path": "/v1/chat",
                     "methods": ["POST"],
                     "meter": [
-                        {"metric": "api_calls"},
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 800},
+                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
                         },
                     ],
                 },
@@ -139,7 +139,7 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 800},
+                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
                         }
                     ],
                 },
@@ -181,7 +181,7 @@ def _upstream() -> Starlette:
 
 @dataclass
 class Step:
-    """One line of the walk."""
+    """One line of the walk, with the status it is there to show."""
 
     what: str
     status: int | str = ""
@@ -189,6 +189,12 @@ class Step:
     level: str = ""
     value: str = ""
     balance: str = ""
+    expected: int = 200
+
+    @property
+    def as_intended(self) -> bool:
+        """Whether the step answered the status it is there to show."""
+        return self.status == self.expected
 
 
 class Walk:
@@ -204,7 +210,9 @@ class Walk:
         self.steps: list[Step] = []
         self.render = render
 
-    async def call(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def call(
+        self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
+    ) -> httpx.Response:
         response = await self.proxy.request(method, path, **kwargs)
         problem: dict[str, Any] = {}
         if response.headers.get("content-type") == "application/problem+json":
@@ -217,38 +225,44 @@ class Walk:
                 response.headers.get("metergate-level", ""),
                 response.headers.get("ratelimit", "")[:40],
                 response.headers.get("metergate-balance", ""),
+                expect,
             )
         )
         self.render()
         return response
 
-    async def act(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def act(
+        self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
+    ) -> httpx.Response:
         response = await self.admin.request(method, path, **kwargs)
         detail = ""
         if response.headers.get("content-type", "").startswith("application/json"):
             data = response.json()
             if "available" in data:
                 detail = str(data["available"])
-        self.steps.append(Step(what, response.status_code, balance=detail))
+        self.steps.append(Step(what, response.status_code, balance=detail, expected=expect))
         self.render()
         return response
 
     async def run(self) -> None:
+        """Walk acme through every tier and policy; each step says the status it shows."""
+        things = "/v1/things"
         for i in range(4):
-            await self.call(f"call {i + 1}: Normal tier, 1 credit each", "GET", "/v1/things")
+            await self.call(f"call {i + 1}: Normal tier, 1 credit each", "GET", things)
         for i in range(2):
-            await self.call(f"call {5 + i}: Warning tier", "GET", "/v1/things")
+            await self.call(f"call {5 + i}: Warning tier", "GET", things)
+        for i in range(2):
+            await self.call(f"call {7 + i}: Critical tier, throttled to 2/s", "GET", things)
+        for _ in range(2):
+            await self.call("over the throttle: refused", "GET", things, expect=429)
+        await asyncio.sleep(1.1)
+        await self.call("call 9: after the Retry-After, admitted", "GET", things)
+        await self.call("call 10: still within the throttle", "GET", things)
         for i in range(4):
-            await self.call(f"call {7 + i}: Critical tier, throttled to 2/s", "GET", "/v1/things")
-        await asyncio.sleep(1.1)
-        await self.call("after the Retry-After: admitted again", "GET", "/v1/things")
-        await asyncio.sleep(1.1)
-        for _ in range(5):
-            response = await self.call("OverUsage: allowed, priced as overage", "GET", "/v1/things")
-            if response.status_code == 429 and "rate" in response.text:
-                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+            await self.call(f"call {11 + i}: OverUsage, priced as overage", "GET", things)
+        await self.call("call 15: past the Deny limit", "GET", things, expect=429)
         for i in range(3):
-            response = await self.call(
+            await self.call(
                 "chat: tokens priced from the response", "POST", "/v1/chat", content=b"hi" * i
             )
         await self.act(
@@ -257,14 +271,20 @@ class Walk:
             "/v1/customers/acme/balances/credits/topup",
             json={"amount": 500},
         )
-        for i in range(4):
-            await self.call(
-                "chat: more tokens, into the grace tier", "POST", "/v1/chat", content=b"x" * i
+        for i, what in enumerate(
+            (
+                "chat: more tokens",
+                "chat: more tokens",
+                "chat: crossing into the grace tier",
+                "chat: inside the grace tier, admitted",
             )
+        ):
+            await self.call(what, "POST", "/v1/chat", content=b"x" * i)
         held = await self.act(
             "reserve 50 credits for 60 s",
             "POST",
             "/v1/customers/acme/balances/credits/reservations",
+            expect=201,
             json={"amount": 50, "ttl_s": 60},
         )
         if held.status_code == 201:
@@ -282,7 +302,7 @@ class Walk:
                 "/v1/customers/acme/usage",
                 json={"metric": "seats", "value": seats},
             )
-        await self.call("seats over the limit: suspended", "GET", "/v1/seats")
+        await self.call("seats over the limit: suspended", "GET", "/v1/seats", expect=403)
         await self.act("resume the seats asset", "POST", "/v1/customers/acme/assets/seats/resume")
         await self.act(
             "withdraw the rest of the credits",
@@ -291,7 +311,7 @@ class Walk:
             json={"amount": await self._available()},
         )
         await self.call("completion drawing on the overage", "POST", "/v1/complete")
-        await self.call("completion with no credit left", "POST", "/v1/complete")
+        await self.call("completion with no credit left", "POST", "/v1/complete", expect=402)
 
     async def _available(self) -> int:
         response = await self.admin.get("/v1/customers/acme/balances/credits")
@@ -312,12 +332,14 @@ async def _receiver(received: list[dict[str, Any]], port: int) -> Any:
     return _server(app, "127.0.0.1", port)
 
 
-def _table(walk: Walk | None, events: list[dict[str, Any]]) -> Table:
+def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = None) -> Table:
+    """The walk so far: every step, or only the `last` ones (a live view fits the screen)."""
     table = Table(title="metergate demo: customer acme on plan 'demo'", expand=False)
     table.add_column("step", no_wrap=True, max_width=44)
     for column in ("status", "problem", "level", "RateLimit", "credits"):
         table.add_column(column, no_wrap=True, max_width=28)
-    for step in (walk.steps if walk else [])[-30:]:
+    steps = walk.steps if walk else []
+    for step in steps[-last:] if last else steps:
         color = "green" if str(step.status).startswith("2") else "red"
         table.add_row(
             step.what,
@@ -358,20 +380,35 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
     while not (ready.is_set() and upstream.started and receiver.started):
         await asyncio.sleep(0.02)
     walk: Walk | None = None
-    with Live(_table(None, events), console=console, refresh_per_second=8, transient=False) as live:
+    # A terminal watches the walk live (the last rows that fit); a file or a pipe gets only the
+    # whole table at the end, since a live view there would keep only its last frame.
+    live = Live(_table(None, events), console=console, refresh_per_second=8, transient=True)
+    fits = max(5, console.size.height - 10)
+    with live if console.is_terminal else contextlib.nullcontext():
         walk = Walk(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{admin_port}",
-            lambda: live.update(_table(walk, events)),
+            lambda: live.update(_table(walk, events, fits)) if console.is_terminal else None,
         )
         await walk.run()
         # let the worker deliver what the walk caused, up to the first usage report
         for _ in range(150):
-            live.update(_table(walk, events))
+            if console.is_terminal:
+                live.update(_table(walk, events, fits))
             if any(e.get("type") == "usage.reported" for e in events):
                 break
             await asyncio.sleep(0.1)
     await walk.aclose()
+    console.print(_table(walk, events))
+    astray = [step for step in walk.steps if not step.as_intended]
+    if astray:
+        for step in astray:
+            console.print(
+                f"[red]step '{step.what}' answered {step.status}, it is there to show "
+                f"{step.expected}[/]"
+            )
+    else:
+        console.print(f"All {len(walk.steps)} steps answered as intended.")
     console.print(
         f"\n[bold]{len(events)}[/] signed webhooks delivered to http://127.0.0.1:{webhook_port}/billing"
     )

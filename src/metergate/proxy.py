@@ -212,7 +212,12 @@ class ProxyApp:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": _strip_hop_by_hop(list(response.raw_headers)),
+                    # RFC 9110 6.6.1: one Date; the server that answers adds its own
+                    "headers": [
+                        (k, v)
+                        for k, v in _strip_hop_by_hop(list(response.raw_headers))
+                        if k.lower() != b"date"
+                    ],
                 }
             )
             async for chunk in response.content.iter_any():

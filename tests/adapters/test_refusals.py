@@ -70,7 +70,8 @@ def test_not_entitled_is_403(gateway: Gateway) -> None:
 
 
 def test_quota_exceeded_is_429_until_the_period_ends(gateway: Gateway, clock: Clock) -> None:
-    """Past a Deny tier the request is refused 429 with Retry-After = seconds to the period end."""
+    """Past a Deny tier the request is refused 429 with Retry-After = seconds to the period end,
+    naming the tier that refused (OverUsage, Deny), not the tier the value is in (Warning)."""
     for _ in range(10):
         assert gateway.client.get("/v1/capped", headers=ACME).status_code == 200
     clock.advance(0.4)
@@ -82,14 +83,15 @@ def test_quota_exceeded_is_429_until_the_period_ends(gateway: Gateway, clock: Cl
         "quota-exceeded",
         customer="acme",
         metric="capped",
-        level="Warning",
-        policy="NotifyOnly",
+        level="OverUsage",
+        policy="Deny",
         retry_after=wait,
     )
     assert body["retry_after"] == int(response.headers["retry-after"]) == wait
     assert sf_items(response.headers["ratelimit"])["capped"] == {"r": 0, "t": wait}
     assert len(gateway.seen.paths()) == 10
     assert gateway.meter.usage("acme", "capped")["value"] == 10
+    assert response.headers["metergate-level"] == "Warning"  # the value's level is unchanged
 
 
 def test_rate_limited_is_429_with_the_exact_wait(gateway: Gateway, clock: Clock) -> None:
@@ -127,8 +129,19 @@ def test_concurrency_limit_is_429_with_retry_after_1(gateway: Gateway) -> None:
     ):
         assert first.status_code == second.status_code == 200
         response = gateway.client.get("/v1/concurrent", headers=ACME)
-        assert_problem(response, 429, "quota-exceeded", metric="in_flight", retry_after=1)
+        assert_problem(
+            response,
+            429,
+            "quota-exceeded",
+            metric="in_flight",
+            level="OverUsage",
+            policy="Deny",
+            retry_after=1,
+        )
         assert response.headers["retry-after"] == "1"
+        # RFC 9651 parse: the concurrency item counts requests in flight, it has no window
+        policy = sf_items(response.headers["ratelimit-policy"])["in_flight"]
+        assert policy == {"q": 2, "qu": "concurrent-requests"}
 
 
 def test_unmatched_deny_is_404(

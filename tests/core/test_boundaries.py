@@ -94,3 +94,11 @@ def test_no_module_uses_another_packages_private_names() -> None:
             ):
                 offenders.append(f"{where}: {node.func.id}(..., {node.args[1].value!r})")
     assert offenders == []
+
+
+def test_admin_app_is_a_public_name() -> None:
+    """`metergate.admin_app`, which the README and the SPEC document, is exported."""
+    from metergate.admin import admin_app
+
+    assert "admin_app" in metergate.__all__
+    assert metergate.admin_app is admin_app

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
+from tests.gateway.openapi_check import checked_client
 from tests.gateway.test_proxy import UPSTREAM, gateway_config
 
 from conftest import Clock, with_storage
@@ -19,7 +20,8 @@ TOKEN = "admin-token-0123456789"
 
 @pytest.fixture
 def admin(storage_url: str, clock: Clock) -> Iterator[tuple[httpx.Client, str]]:
-    """The admin API and the proxy over the same storage; yields an authorized client and the proxy URL."""
+    """The admin API and the proxy over the same storage; yields an authorized client (each of its
+    responses validated against the served OpenAPI document) and the proxy URL."""
     with serve_asgi(UPSTREAM) as upstream:
         config = with_storage(gateway_config(upstream), storage_url)
         config["admin"] = {"token": TOKEN}
@@ -27,7 +29,7 @@ def admin(storage_url: str, clock: Clock) -> Iterator[tuple[httpx.Client, str]]:
             serve_asgi(admin_app(config)) as admin_url,
             serve_asgi(create_app(config, clock=clock)) as proxy,
         ):
-            client = httpx.Client(base_url=admin_url, headers={"Authorization": f"Bearer {TOKEN}"})
+            client = checked_client(admin_url, TOKEN)
             yield client, proxy
             client.close()
 
@@ -38,15 +40,16 @@ def problem_type(response: httpx.Response) -> str:
 
 
 def test_every_call_but_healthz_needs_the_token(admin: tuple[httpx.Client, str]) -> None:
-    """Without the bearer token the API answers 401; /healthz answers without it."""
+    """Without the bearer token the API answers 401 (/metrics too); /healthz answers without it."""
     client, _ = admin
-    anonymous = httpx.Client(base_url=str(client.base_url))
+    anonymous = httpx.Client(base_url=str(client.base_url), event_hooks=client.event_hooks)
     assert anonymous.get("/v1/customers/c").status_code == 401
     assert (
         anonymous.get("/v1/customers/c", headers={"Authorization": "Bearer wrong"}).status_code
         == 401
     )
     assert anonymous.get("/healthz").status_code == 200
+    assert anonymous.get("/metrics").status_code == 401
     anonymous.close()
 
 
@@ -215,3 +218,37 @@ def test_dead_letters_are_listed_and_redelivered_to_their_destination(
     assert entries[-1][1]["only"] == "wh_abc"
     assert entries[-1][1]["id"] == queued["id"]
     meter.close()
+
+
+def test_customer_shows_its_entitlement_history(admin: tuple[httpx.Client, str]) -> None:
+    """GET /v1/customers/{id} lists the entitlements in force, oldest first, each with an RFC 3339
+    `since`; writing the same entitlement again adds nothing."""
+    from datetime import datetime
+
+    client, _ = admin
+    client.put("/v1/customers/hist", json={"entitlement": {"plan": "p"}})
+    client.put("/v1/customers/hist/entitlement", json={"timezone": "Europe/Paris"})
+    client.put("/v1/customers/hist/entitlement", json={"timezone": "Europe/Paris"})
+    anchor = "2027-01-15T00:00:00+00:00"
+    client.put("/v1/customers/hist/entitlement", json={"anchor": anchor})
+    history = client.get("/v1/customers/hist").json()["history"]
+    assert [(h["plan"], h["anchor"], h["timezone"]) for h in history] == [
+        ("p", None, "UTC"),
+        ("p", None, "Europe/Paris"),
+        ("p", anchor, "Europe/Paris"),
+    ]
+    since = [datetime.fromisoformat(h["since"]) for h in history]
+    assert all(h["since"].endswith("Z") for h in history)
+    assert since == sorted(since)
+
+
+def test_usage_refused_at_a_deny_tier_names_that_tier(admin: tuple[httpx.Client, str]) -> None:
+    """POST usage past the Deny tier is 429 quota-exceeded with policy Deny and the tier's level."""
+    client, _ = admin
+    r = client.post("/v1/customers/c/usage", json={"metric": "calls", "value": 101})
+    assert (r.status_code, problem_type(r)) == (429, "quota-exceeded")
+    assert (r.json()["policy"], r.json()["level"], r.json()["metric"]) == (
+        "Deny",
+        "OverUsage",
+        "calls",
+    )

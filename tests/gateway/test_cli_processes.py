@@ -137,7 +137,8 @@ def test_check_and_serve_report_a_bad_config_in_one_line(tmp_path: Path) -> None
 
 
 def test_demo_runs_to_completion_with_webhooks() -> None:
-    """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0."""
+    """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0; piped,
+    its table has every step from the first, and each step answered the status it shows."""
     proc = subprocess.run(
         [sys.executable, "-m", "metergate", "demo"],
         capture_output=True,
@@ -157,6 +158,15 @@ def test_demo_runs_to_completion_with_webhooks() -> None:
     ):
         assert expected in proc.stdout, expected
     assert "Traceback" not in proc.stderr
+    rows = [line.split("│")[1:5] for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    steps = [tuple(cell.strip() for cell in row) for row in rows]
+    assert steps[0] == ("call 1: Normal tier, 1 credit each", "200", "", "Normal")
+    assert f"All {len(steps)} steps answered as intended." in proc.stdout, proc.stdout
+    shown = {what: (status, problem, level) for what, status, problem, level in steps}
+    assert shown["chat: tokens priced from the response"] == ("200", "", "Normal")
+    assert shown["chat: inside the grace tier, admitted"] == ("200", "", "OverUsage")
+    assert shown["call 15: past the Deny limit"] == ("429", "quota-exceeded", "OverUsage")
+    assert shown["completion with no credit left"][:2] == ("402", "insufficient-credits")
 
 
 def test_events_and_redeliver_commands(tmp_path: Path) -> None:
@@ -172,11 +182,12 @@ def test_events_and_redeliver_commands(tmp_path: Path) -> None:
     path.write_text(json.dumps(config))
     with Meter(str(path)) as meter:
         meter.topup("c", "credits", 5)
+        event_id = f"evt_{meter.core.deployment}_c_1"
     runner = CliRunner()
     listed = runner.invoke(main, ["events", "--config", str(path)])
     assert listed.exit_code == 0
-    assert "queued evt_c_1  balance.topped_up" in listed.output
-    again = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_1"])
-    assert (again.exit_code, again.output) == (0, "metergate: evt_c_1 queued for delivery\n")
+    assert f"queued {event_id}  balance.topped_up" in listed.output
+    again = runner.invoke(main, ["redeliver", "--config", str(path), event_id])
+    assert (again.exit_code, again.output) == (0, f"metergate: {event_id} queued for delivery\n")
     missing = runner.invoke(main, ["redeliver", "--config", str(path), "evt_c_99"])
     assert missing.exit_code == 1

@@ -63,6 +63,7 @@ def test_deny_admits_exactly_from_units_then_refuses_until_period_end(make_meter
     assert refused.metric == "calls"
     assert refused.ticket is None
     assert refused.assets["calls"].value == 10
+    assert refused.refused_by == ("OverUsage", "Deny")
     assert meter.usage("c", "calls") == {
         "value": 10,
         "pending": 0,
@@ -134,6 +135,7 @@ def test_grace_allows_until_from_plus_grace_then_refuses(make_meter: Any) -> Non
         "quota-exceeded",
         TO_MONTH_END,
     )
+    assert refused.refused_by == ("OverUsage", "AllowWithGrace")
     assert meter.usage("c", "calls")["value"] == 15
 
 

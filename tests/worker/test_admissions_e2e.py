@@ -77,21 +77,23 @@ def test_admissions_feed_reports_and_closes(
                 events.append({**fields, "data": json.loads(fields["data"])})
 
     run(scenario, storage_url)
+    dep = meter.core.deployment  # the deployment's id is in every deterministic id
+    assert len(dep) == 26
     usage = {e["id"]: e["data"] for e in events if e["type"] == "usage.reported"}
-    acme = usage[f"usage:acme:calls:{DAY}"]
+    acme = usage[f"usage:{dep}:acme:calls:{DAY}"]
     assert (acme["quantity"], acme["overage_quantity"], acme["credits_charged"]) == (7, 2, 16)
     assert acme["period_start"] == "2027-01-16T00:00:00Z"
     closed = {e["id"]: e["data"] for e in events if e["type"] == "period.closed"}
     assert set(closed) == {
-        f"period:acme:calls:{DAY}",
-        f"period:acme:seats:{DAY}",
-        f"period:idle:calls:{DAY}",
+        f"period:{dep}:acme:calls:{DAY}",
+        f"period:{dep}:acme:seats:{DAY}",
+        f"period:{dep}:idle:calls:{DAY}",
     }
-    calls = closed[f"period:acme:calls:{DAY}"]
+    calls = closed[f"period:{dep}:acme:calls:{DAY}"]
     assert (calls["value"], calls["overage"], calls["credits_charged"]) == (7, 2, 16)
     assert calls["period_end"] == "2027-01-17T00:00:00Z"
     assert (
-        closed[f"period:acme:seats:{DAY}"]["value"],
-        closed[f"period:acme:seats:{DAY}"]["peak"],
+        closed[f"period:{dep}:acme:seats:{DAY}"]["value"],
+        closed[f"period:{dep}:acme:seats:{DAY}"]["peak"],
     ) == (9, 9)
-    assert closed[f"period:idle:calls:{DAY}"]["value"] == 1
+    assert closed[f"period:{dep}:idle:calls:{DAY}"]["value"] == 1

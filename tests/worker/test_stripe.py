@@ -94,7 +94,8 @@ def test_meter_event_is_form_encoded_with_the_event_id(
         (429, {"error": {"type": "rate_limit_error"}}, {}, "retry"),
         (500, {"error": {"type": "api_error"}}, {}, "retry"),
         (409, {"error": {"code": "lock_timeout", "type": "invalid_request_error"}}, {}, "retry"),
-        (409, {"error": {"code": "idempotency_key_in_use"}}, {}, "reject"),
+        (409, {"error": {"code": "idempotency_key_in_use"}}, {}, "retry"),
+        (400, {"error": {"type": "idempotency_error"}}, {}, "reject"),
         (400, {"error": {"code": "parameter_missing", "message": "no"}}, {}, "reject"),
         (
             400,
@@ -110,7 +111,8 @@ def test_meter_event_is_form_encoded_with_the_event_id(
 def test_stripe_answers_are_classified(
     status: int, body: dict[str, object], headers: dict[str, str], kind: str
 ) -> None:
-    """429, 5xx and 409 lock timeouts retry; other 4xx reject; a duplicate identifier delivered."""
+    """429, 5xx, 409 lock timeouts and keys in use retry; other 4xx reject; a duplicate identifier
+    is delivered."""
     outcome = classify_stripe_response(status, headers, json.dumps(body).encode(), NOW)
     assert outcome.kind == kind
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from metergate.config import hash_api_key
@@ -73,6 +74,7 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
     if ent is None:
         raise NotFound(f"customer '{customer}' does not exist")
     key_ids = yield Command(("HKEYS", _customer_keys(core, customer)))
+    raw_history = yield Command(("HGET", core.keys.customer(customer), "hist"))
     configured = core.config.customers.get(customer)
     ids = set(key_ids or [])
     if configured is not None:
@@ -87,9 +89,33 @@ def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:
             "anchor": ent.anchor.isoformat() if ent.anchor else None,
             "timezone": ent.timezone,
         },
+        "history": _history(raw_history, ent),
         "api_keys": sorted(ids),
         "balances": sorted(balances),
     }
+
+
+def _rfc3339(ms: int) -> str:
+    spec = "seconds" if ms % 1000 == 0 else "milliseconds"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+def _history(raw: str | None, current: Entitlement) -> list[dict[str, Any]]:
+    """The entitlements in force over time, oldest first: `{plan, anchor, timezone, since}`.
+    A customer stored before histories were kept shows its current entitlement since the epoch."""
+    rows = json.loads(raw) if raw else []
+    if not rows:
+        anchor = current.anchor.isoformat() if current.anchor else ""
+        rows = [[current.plan, anchor, current.timezone, "0"]]
+    return [
+        {
+            "plan": plan,
+            "anchor": anchor or None,
+            "timezone": timezone,
+            "since": _rfc3339(int(since)),
+        }
+        for plan, anchor, timezone, since in rows
+    ]
 
 
 def customer_ids(core: MeterCore) -> Flow[list[str]]:
@@ -144,11 +170,7 @@ def _event(stream_id: str, fields: Any, partition: int) -> dict[str, Any]:
 
 def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
     """Deliver an event again: a dead letter to its one destination, else to every endpoint."""
-    customer = (
-        event_id.removeprefix("evt_").rsplit("_", 1)[0] if event_id.startswith("evt_") else None
-    )
-    partitions = [core.keys.partition(customer)] if customer else range(core.keys.partitions)
-    for partition in partitions:
+    for partition in _partitions_of(core, event_id):
         for key in (core.keys.dead_letters(partition), core.keys.outbox(partition)):
             rows = yield Command(("XRANGE", key, "-", "+"))
             for stream_id, fields in reversed(rows or []):
@@ -170,6 +192,19 @@ def redeliver(core: MeterCore, event_id: str) -> Flow[dict[str, Any]]:
                 yield Command(("XADD", core.keys.outbox(partition), "*", *copy))
                 return event
     raise NotFound(f"event '{event_id}' does not exist")
+
+
+def _partitions_of(core: MeterCore, event_id: str) -> list[int]:
+    """The partitions to search for an event: its customer's first (from an id
+    `evt_<deployment>_<customer>_<seq>` or `evt_<customer>_<seq>`), then every other."""
+    first: list[int] = []
+    if event_id.startswith("evt_"):
+        middle = event_id.removeprefix("evt_").rsplit("_", 1)[0]
+        deployment, _, customer = middle.partition("_")
+        for candidate in (middle, customer if len(deployment) == 26 else ""):
+            if candidate and core.keys.partition(candidate) not in first:
+                first.append(core.keys.partition(candidate))
+    return first + [p for p in range(core.keys.partitions) if p not in first]
 
 
 def fingerprint(body: bytes) -> str:

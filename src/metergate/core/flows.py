@@ -28,6 +28,7 @@ from metergate.config import (
     hash_api_key,
 )
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
+from metergate.core.ids import new_ulid
 from metergate.core.keys import Keys
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
 from metergate.core.plans import CompiledAsset, compile_plans
@@ -188,6 +189,7 @@ class MeterCore:
         self._bootstrapped = False
         self._generations: dict[str, str] = {}  # sentinel key -> the value seen at bootstrap
         self._lost: set[str] = set()  # sentinel keys missing at bootstrap while others were there
+        self.deployment = ""  # this deployment's id, read (or chosen) at bootstrap
         # Hold ids of admissions without an idempotency key: unique per process by a random
         # prefix, then a counter (a uuid4 per admission costs a system call).
         self._ids_prefix = uuid.uuid4().hex[:12]
@@ -260,6 +262,7 @@ class MeterCore:
                 ", ".join(sorted(lost)[:5]) + (", ..." if len(lost) > 5 else ""),
             )
         self._generations.update(found)
+        yield from self._load_deployment()
         for cid, customer in self.config.customers.items():
             _check_name(cid, "customer")
             if self.sentinel(self.keys.partition(cid)) in lost:
@@ -282,6 +285,16 @@ class MeterCore:
             )
         self._bootstrapped = True
 
+    def deployment_key(self) -> str:
+        """Return the key holding the deployment's id (a ULID chosen by the first process)."""
+        return f"{self.keys.prefix}:deployment"
+
+    def _load_deployment(self) -> Flow[None]:
+        key = self.deployment_key()
+        chosen = new_ulid(int(self.clock() * 1000))
+        _, value = yield Batch((("SET", key, chosen, "NX"), ("GET", key)))
+        self.deployment = str(value or chosen)
+
     def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
         """Create or replace a customer's entitlement; create its missing balances and keys."""
         yield from self.bootstrap()
@@ -300,7 +313,14 @@ class MeterCore:
         yield Script(
             "customer",
             (self.keys.customer(cid),),
-            (ent.plan, anchor, ent.timezone, "1" if only_if_missing else "0"),
+            (
+                ent.plan,
+                anchor,
+                ent.timezone,
+                "1" if only_if_missing else "0",
+                str(int(self.clock() * 1000)),
+                self.deployment,
+            ),
         )
         yield Command(("SADD", self.keys.customers, cid))
         for name, balance in spec.balances.items():
@@ -337,7 +357,14 @@ class MeterCore:
         yield Script(
             "customer",
             (self.keys.customer(customer),),
-            (plan, anchor.isoformat() if anchor else "", tz, "0"),
+            (
+                plan,
+                anchor.isoformat() if anchor else "",
+                tz,
+                "0",
+                str(int(self.clock() * 1000)),
+                self.deployment,
+            ),
         )
         yield Command(("SADD", self.keys.customers, customer))
         self._entitlements.pop(customer, None)
@@ -881,6 +908,7 @@ def _usage(
         period_start=window[0] if window else None,
         period_end=window[1] if window else None,
         throttle=throttle,
+        concurrent=asset.kind == "U",
     )
 
 
@@ -911,6 +939,10 @@ def _decision(
     base = 5 + 7 * n
     available = {name: int(reply[base + 1 + 3 * j]) for j, name in enumerate(balances)}
     metric = assets[refused - 1].metric if refused else None
+    refused_by = None
+    if refused and slug == "quota-exceeded" and metric is not None:
+        tier = assets[refused - 1].quota_tier(usages[metric].value)
+        refused_by = (tier.level, tier.policy) if tier else None
     detail = _PROBLEM_DETAIL.get(slug or "", "").format(metric=metric) or None
     retry = None if retry_ms < 0 else max(1, math.ceil(retry_ms / 1000))
     return Decision(
@@ -925,4 +957,5 @@ def _decision(
         assets=usages,
         balances=available,
         ticket=ticket if status == 200 else None,
+        refused_by=refused_by,
     )

@@ -219,9 +219,11 @@ def _sf_string(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _policy_item(name: str, limit: int, window: int | None) -> str:
+def _policy_item(name: str, limit: int, window: int | None, unit: str | None = None) -> str:
     """One RateLimit-Policy item; its parts change only with the plan or the period."""
     item = f"{_sf_string(name)};q={limit}"
+    if unit is not None:
+        item += f";qu={_sf_string(unit)}"
     return item if window is None else f"{item};w={window}"
 
 
@@ -237,7 +239,8 @@ def ratelimit_fields(decision: Decision, now_s: float) -> list[tuple[str, str]]:
                 reset = max(0, math.ceil(end - now_s))
                 limits.append(f"{_sf_string(metric)};r={usage.remaining or 0};t={reset}")
             else:
-                policies.append(_policy_item(metric, usage.limit, None))
+                unit = "concurrent-requests" if usage.concurrent else None
+                policies.append(_policy_item(metric, usage.limit, None, unit))
                 limits.append(f"{_sf_string(metric)};r={usage.remaining or 0}")
         if usage.throttle is not None:
             name = f"{metric}-throttle"
@@ -370,6 +373,10 @@ class Gate:
             # RFC 9110 11.6.1: a 401 carries a challenge naming how to authenticate.
             headers.append(("www-authenticate", self.challenge()))
         usage = decision.assets.get(decision.metric or "")
+        level = usage.level if usage else decision.level
+        policy = usage.policy if usage else None
+        if decision.refused_by is not None:  # the tier that refused, not the value's own
+            level, policy = decision.refused_by
         return problem(
             decision.problem or "forbidden",
             decision.status,
@@ -377,8 +384,8 @@ class Gate:
             headers,
             customer=decision.customer or None,
             metric=decision.metric,
-            level=usage.level if usage else decision.level,
-            policy=usage.policy if usage else None,
+            level=level,
+            policy=policy,
             retry_after=decision.retry_after,
         )
 

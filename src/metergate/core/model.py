@@ -33,6 +33,8 @@ class AssetUsage:
     period_start: int | None
     period_end: int | None
     throttle: Throttle | None = None
+    concurrent: bool = False
+    """An UpDownCounter: its limit counts units in flight at once, not units per period."""
 
     def as_dict(self) -> dict[str, object]:
         """Return the fields of `GET /v1/customers/{id}/usage` for this metric."""
@@ -104,3 +106,5 @@ class Decision:
     """Per balance charged or held: `available` after the admission."""
     ticket: Ticket | None = None
     degraded: bool = False
+    refused_by: tuple[str, str] | None = None
+    """For a refusal by a tier: the (level, policy) of the tier that refused."""

@@ -57,6 +57,16 @@ class CompiledAsset:
                 break
         return index
 
+    def quota_tier(self, value: int) -> TierConfig | None:
+        """Return the tier that refuses a quota-exceeded admission from `value`: the first Deny or
+        AllowWithGrace (with a grace) tier at or above the value's own."""
+        for tier in self.tiers[self.tier_index(value) :]:
+            if tier.policy == "Deny" or (
+                tier.policy == "AllowWithGrace" and tier.grace is not None
+            ):
+                return tier
+        return None
+
     def level_name(self, index: int) -> str:
         """Return the level name of tier `index`."""
         return self.tiers[index].level

@@ -52,10 +52,19 @@ local function json(fields)
 end
 
 -- Append one event to the customer's partition outbox with the customer's next sequence number.
--- `id` is caller-chosen and stable (`usage:...`, `period:...`) or nil for `evt_<customer>_<seq>`.
+-- `id` is caller-chosen and stable (`usage:...`, `period:...`) or nil for an event that happens
+-- once. Both carry the deployment's id (a ULID chosen once and kept in storage, copied to the
+-- customer hash as `dep`), so two deployments never share an id: `usage:<dep>:<customer>:...`,
+-- and `evt_<dep>_<customer>_<seq>`.
 local function emit_as(outbox, cust_key, customer, now, etype, id, fields)
   local seq = redis.call('HINCRBY', cust_key, 'seq', 1)
-  id = id or ('evt_' .. customer .. '_' .. fmt(seq))
+  local dep = redis.call('HGET', cust_key, 'dep')
+  if id and dep then
+    local colon = string.find(id, ':', 1, true)
+    id = string.sub(id, 1, colon) .. dep .. ':' .. string.sub(id, colon + 1)
+  elseif not id then
+    id = 'evt_' .. (dep and (dep .. '_') or '') .. customer .. '_' .. fmt(seq)
+  end
   table.insert(fields, 1, {'customer', customer, 's'})
   fields[#fields + 1] = {'seq', seq, 'i'}
   redis.call('XADD', outbox, '*', 'id', id, 'type', etype, 'customer', customer,

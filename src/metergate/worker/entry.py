@@ -12,7 +12,7 @@ from metergate.meter import AsyncMeter
 from metergate.storage import open_async
 from metergate.worker.destinations import Destination
 from metergate.worker.loop import Worker, WorkerSettings
-from metergate.worker.stripe import StripeMeterEvents
+from metergate.worker.stripe import StripeMeter, StripeMeterEvents
 from metergate.worker.sweep import sweep_loop
 
 __all__ = ["WORKER_TIMEOUT_MS", "run_worker", "stripe_destinations"]
@@ -29,13 +29,20 @@ def stripe_destinations(config: GatewayConfig) -> list[Destination]:
     stripe = config.stripe
     if stripe is None:
         return []
+    meters = {
+        metric: meter
+        if isinstance(meter, str)
+        else StripeMeter(meter.event_name, meter.customer_key, meter.value_key)
+        for metric, meter in stripe.meters.items()
+    }
     return [
         StripeMeterEvents(
             stripe.api_key,
             stripe.customers,
-            stripe.meters,
+            meters,
             stripe.base_url,
             value_field=stripe.value,
+            stripe_version=stripe.api_version,
         )
     ]
 

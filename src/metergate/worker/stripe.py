@@ -2,7 +2,8 @@
 
 One `POST /v1/billing/meter_events` per event, form-encoded, with `identifier` = the event id
 (deterministic for customer, metric and window), so a retried or redelivered report is one meter
-event at Stripe. Stripe enforces identifier uniqueness for at least 24 hours only: a report older
+event at Stripe. Like Stripe's own libraries, each request carries an `Idempotency-Key` (the event
+id again) and pins its API version with `Stripe-Version`. Stripe enforces identifier uniqueness for at least 24 hours only: a report older
 than `max_age_s` is dead-lettered instead of being sent, because a resend after the window might
 count twice if an earlier attempt did land.
 """
@@ -12,19 +13,31 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from metergate.config import STRIPE_API_VERSION
 from metergate.worker.destinations import DELIVERY_TIMEOUT_S, transport_outcome
 from metergate.worker.events import OutboxEvent
 from metergate.worker.schedule import Outcome, parse_retry_after
 
-__all__ = ["StripeMeterEvents", "classify_stripe_response", "meter_event_form"]
+__all__ = ["StripeMeter", "StripeMeterEvents", "classify_stripe_response", "meter_event_form"]
 
 _IDENTIFIER_MAX = 100
+_IDEMPOTENCY_KEY_MAX = 255
 _DAY_S = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class StripeMeter:
+    """A Stripe meter: its `event_name` and the payload keys of the customer and the value."""
+
+    event_name: str
+    customer_key: str = "stripe_customer_id"
+    value_key: str = "value"
 
 
 def _identifier(event_id: str) -> str:
@@ -44,7 +57,10 @@ def _epoch_s(rfc3339: Any) -> int | None:
 
 
 def meter_event_form(
-    event: OutboxEvent, event_name: str, stripe_customer: str, value_field: str = "quantity"
+    event: OutboxEvent,
+    meter: str | StripeMeter,
+    stripe_customer: str,
+    value_field: str = "quantity",
 ) -> dict[str, str]:
     """Return the form fields of the meter event for one `usage.reported` event.
 
@@ -58,10 +74,12 @@ def meter_event_form(
         t for t in (_epoch_s(event.data.get(k)) for k in ("window_start", "period_start")) if t
     ]
     timestamp = max(starts) if starts else event.time_ms // 1000
+    if isinstance(meter, str):
+        meter = StripeMeter(meter)
     return {
-        "event_name": event_name,
-        "payload[stripe_customer_id]": stripe_customer,
-        "payload[value]": str(value),
+        "event_name": meter.event_name,
+        f"payload[{meter.customer_key}]": stripe_customer,
+        f"payload[{meter.value_key}]": str(value),
         "identifier": _identifier(event.id),
         "timestamp": str(timestamp),
     }
@@ -70,8 +88,9 @@ def meter_event_form(
 def classify_stripe_response(
     status: int, headers: Mapping[str, str], body: bytes, now: float
 ) -> Outcome:
-    """Read Stripe's answer: 2xx (or a duplicate identifier) delivered; 429, 5xx and 409 lock
-    timeouts retried; any other 4xx rejected (it would fail the same way again)."""
+    """Read Stripe's answer: 2xx (or a duplicate identifier) delivered; 429, 5xx, 409 lock
+    timeouts and 409 idempotency keys in use retried; any other 4xx rejected (it would fail the
+    same way again)."""
     if 200 <= status < 300:
         return Outcome("delivered")
     error: dict[str, Any] = {}
@@ -94,7 +113,12 @@ def classify_stripe_response(
         # The identifier is the event id: Stripe holding it proves an earlier attempt landed.
         return Outcome("delivered", "duplicate identifier: already recorded")
     should_retry = headers.get("stripe-should-retry")
-    retryable = status == 429 or status >= 500 or (status == 409 and code == "lock_timeout")
+    # 409 idempotency_key_in_use: an earlier attempt with this Idempotency-Key is still running
+    retryable = (
+        status == 429
+        or status >= 500
+        or (status == 409 and code in ("lock_timeout", "idempotency_key_in_use"))
+    )
     if should_retry == "false" or (should_retry != "true" and not retryable):
         return Outcome("reject", reason[:500])
     return Outcome("retry", reason[:500], parse_retry_after(headers.get("retry-after"), now))
@@ -104,7 +128,7 @@ class StripeMeterEvents:
     """Send `usage.reported` events to Stripe as billing meter events.
 
     `customer_map` maps metergate customers to Stripe customer ids (`cus_...`); `event_names` maps
-    metrics to the `event_name` of their Stripe meter. Reports of other metrics are not for this
+    metrics to the `event_name` of their Stripe meter (or a StripeMeter naming its payload keys). Reports of other metrics are not for this
     destination; a report for a customer with no Stripe id is dead-lettered.
     """
 
@@ -114,13 +138,13 @@ class StripeMeterEvents:
         self,
         api_key: str,
         customer_map: Mapping[str, str],
-        event_names: Mapping[str, str],
+        event_names: Mapping[str, str | StripeMeter],
         base_url: str = "https://api.stripe.com",
         *,
         value_field: str = "quantity",
         max_age_s: float = 23 * 3600,
         timeout_s: float = DELIVERY_TIMEOUT_S,
-        stripe_version: str | None = None,
+        stripe_version: str | None = STRIPE_API_VERSION,
     ) -> None:
         if not api_key:
             raise ValueError("the Stripe API key must not be empty")
@@ -153,13 +177,15 @@ class StripeMeterEvents:
             )
         metric = str(event.data.get("metric"))
         try:
-            name = self.event_names[metric]
-            form = meter_event_form(event, name, stripe_customer, self.value_field)
+            form = meter_event_form(
+                event, self.event_names[metric], stripe_customer, self.value_field
+            )
         except ValueError as exc:
             return Outcome("reject", str(exc))
         if now - int(form["timestamp"]) > 35 * _DAY_S:
             return Outcome("reject", "Stripe only accepts meter events of the past 35 days")
-        headers = {"authorization": f"Bearer {self._api_key}"}
+        key = event.id if len(event.id) <= _IDEMPOTENCY_KEY_MAX else form["identifier"]
+        headers = {"authorization": f"Bearer {self._api_key}", "idempotency-key": key}
         if self.stripe_version:
             headers["stripe-version"] = self.stripe_version
         try:
