@@ -79,7 +79,7 @@ class MeteringMiddleware:
         # only turn a busy moment into 503s.
         embedded = self.config.storage.url.startswith("memory://")
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
-        self._keys = KeyCache()
+        self._keys = KeyCache(self.meter.core.revocations)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.

@@ -168,7 +168,7 @@ class WSGIMeteringMiddleware:
         self.meter = meter or Meter(self.config, clock=self.clock)
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
-        self._keys = KeyCache()
+        self._keys = KeyCache(self.meter.core.revocations)
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)

@@ -30,7 +30,9 @@ from metergate.config import (
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.keys import Keys
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
+from metergate.core.names import check_name
 from metergate.core.plans import CompiledAsset, compile_plans
+from metergate.core.revocations import Revocations
 from metergate.periods import period_window
 
 __all__ = [
@@ -94,11 +96,8 @@ def check_amount(value: object, field: str, *, signed: bool = False, positive: b
 
 
 def _check_name(value: object, field: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise InvalidAmount(field, "must be a non-empty string of at most 200 characters")
-    if any(ord(c) < 32 or c in "{}" for c in value):
-        raise InvalidAmount(field, "must not contain control characters or braces")
-    return value
+    # the one rule of names, shared with the config loader and the admin API
+    return check_name(value, field)
 
 
 def _iso(epoch_s: int) -> str:
@@ -183,6 +182,7 @@ class MeterCore:
         self.config = config
         self.clock = clock
         self.keys = Keys(config.storage.prefix, config.storage.partitions)
+        self.revocations = Revocations()
         self.plans: dict[str, dict[str, CompiledAsset]] = compile_plans(config)
         self._entitlements: dict[str, Entitlement] = {}
         self._bootstrapped = False
@@ -360,7 +360,14 @@ class MeterCore:
     def customer_for_key(self, api_key: str) -> Flow[str | None]:
         """Return the customer holding an API key (looked up by its hash), or None."""
         yield from self.bootstrap()
-        found = yield Command(("HGET", self.keys.api_keys, hash_api_key(api_key)))
+        digest = hash_api_key(api_key)
+        while True:
+            # The count first: a revocation after it is seen at the next check.
+            version, found = yield Batch(
+                (("GET", self.keys.revocations), ("HGET", self.keys.api_keys, digest))
+            )
+            if self.revocations.observe(version):
+                break
         if not found:
             yield from self.require_data(self.sentinel(None))
         return str(found) if found else None
@@ -374,7 +381,13 @@ class MeterCore:
     def remove_api_key(self, key_hash: str) -> Flow[bool]:
         """Revoke an API key by its hash; return whether it existed."""
         removed = yield Command(("HDEL", self.keys.api_keys, key_hash))
+        yield from self.revoked()
         return bool(removed)
+
+    def revoked(self) -> Flow[None]:
+        """Tell every process that an API key was revoked (this one at once, others at their
+        next check of the revocation count)."""
+        self.revocations.observe((yield Command(("INCR", self.keys.revocations))))
 
     # -- admissions ------------------------------------------------------------------------
 
