@@ -17,6 +17,7 @@ from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
+from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import STORAGE_ERRORS, observe
 
@@ -95,6 +96,12 @@ class MeteringMiddleware:
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        try:
+            # Routes match, and the app (or upstream) gets, the normalized path.
+            scope = normal_scope(scope)
+        except BadPath as exc:
+            await _send_answer(send, bad_request(exc))
             return
         route = self.gate.routes.match(scope["method"], scope["path"])
         if route is None:
