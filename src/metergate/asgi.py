@@ -160,6 +160,7 @@ class MeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
+        scope["metergate.customer"] = customer  # the proxy caps upstream connections per customer
         await self._forward(scope, receive, send, fields, settle, read_headers=ticket is not None)
 
     async def _admit(self, planned: Admission) -> Decision:

@@ -333,6 +333,16 @@ class ProxyConfig(_Model):
 
     upstream: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:9000"
     timeout_s: Annotated[StrictInt, Field(gt=0)] = 30
+    """Budget for the upstream's answer, waiting for an upstream connection included (504)."""
+    header_timeout_s: Annotated[StrictInt, Field(gt=0)] = 10
+    """A request head must be complete within this many seconds of its first byte."""
+    body_timeout_s: Annotated[StrictInt, Field(gt=0)] = 30
+    """Longest wait for the next chunk of a request body (408 and the connection closed)."""
+    max_connections: Annotated[StrictInt, Field(gt=0)] = 1000
+    """Upstream connections open at once, for all customers."""
+    max_connections_per_customer: Annotated[StrictInt, Field(gt=0)] = 100
+    """Upstream connections one customer (or one unmetered client address) may hold at once;
+    its further requests wait for one of them within `timeout_s`, so nobody starves the rest."""
     max_body_bytes: Annotated[StrictInt, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: list[Annotated[str, AfterValidator(_network)]] = []
     """CIDRs whose `X-Forwarded-*` headers are kept, normalised (`10.0.0.1/8` is `10.0.0.0/8`)."""
