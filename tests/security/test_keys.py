@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
-from tests.security.conftest import KEY, Gateway, config, serve, upstream
+from tests.security.conftest import KEY, OTHER_KEY, Gateway, config, serve, upstream
 
 from conftest import RedisCluster, RedisProcess
 from metergate import create_app
@@ -115,3 +115,18 @@ def test_another_gateway_on_the_same_store_refuses_a_revoked_key(storage_url: st
             time.sleep(PROPAGATION_S)
             assert httpx.get(f"{first}/v1/hello", headers=bearer).status_code == 401
             assert httpx.get(f"{second}/v1/hello", headers=bearer).status_code == 401
+
+
+def test_a_revoked_configured_key_stays_revoked_after_a_restart(
+    tmp_path: Path, shared_storage: str
+) -> None:
+    """A key from the config file, revoked at runtime, is not brought back by the next start."""
+    key_id = hash_api_key(KEY).removeprefix("sha256:")[:16]
+    with upstream() as (url, _):
+        cfg = config(url, shared_storage)
+        with serve(cfg, tmp_path) as gw:
+            path = f"/v1/customers/acme/api-keys/{key_id}"
+            assert gw.admin_call("DELETE", path).status_code == 204
+        with serve(cfg, tmp_path) as gw:
+            assert gw.get("/v1/hello").status_code == 401
+            assert gw.get("/v1/hello", key=OTHER_KEY).status_code == 200

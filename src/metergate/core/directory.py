@@ -64,6 +64,7 @@ def revoke_api_key(core: MeterCore, customer: str, key_id: str) -> Flow[None]:
         raise NotFound(f"API key '{key_id}' of customer '{customer}' does not exist")
     yield Command(("HDEL", core.keys.api_keys, digest))
     yield Command(("HDEL", _customer_keys(core, customer), key_id))
+    yield Command(("SADD", core.keys.revoked_keys, digest))
     yield from core.revoked()
 
 

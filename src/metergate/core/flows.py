@@ -306,7 +306,9 @@ class MeterCore:
         for name, balance in spec.balances.items():
             yield from self._create_balance(cid, name, balance, keep_settings=only_if_missing)
         for key_hash in spec.api_keys if api_keys else ():
-            yield Command(("HSET", self.keys.api_keys, key_hash, cid))
+            # a configured key revoked at runtime is not brought back by the next start
+            if not (yield Command(("SISMEMBER", self.keys.revoked_keys, key_hash))):
+                yield Command(("HSET", self.keys.api_keys, key_hash, cid))
         self._entitlements.pop(cid, None)
 
     def _check_entitlement(self, plan: str, timezone: str) -> None:
@@ -381,6 +383,7 @@ class MeterCore:
     def remove_api_key(self, key_hash: str) -> Flow[bool]:
         """Revoke an API key by its hash; return whether it existed."""
         removed = yield Command(("HDEL", self.keys.api_keys, key_hash))
+        yield Command(("SADD", self.keys.revoked_keys, key_hash))
         yield from self.revoked()
         return bool(removed)
 

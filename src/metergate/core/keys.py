@@ -91,6 +91,11 @@ class Keys:
         return f"{{{self.prefix}:api-keys}}:revocations"
 
     @property
+    def revoked_keys(self) -> str:
+        """Return the set of revoked key hashes (a configured key revoked stays revoked)."""
+        return f"{{{self.prefix}:api-keys}}:revoked"
+
+    @property
     def customers(self) -> str:
         """Return the set of every customer id."""
         return f"{self.prefix}:customers"
