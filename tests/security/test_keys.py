@@ -15,7 +15,8 @@ from conftest import RedisCluster, RedisProcess
 from metergate import create_app
 from metergate.admin import admin_app
 from metergate.config import hash_api_key
-from metergate.core.revocations import CHECK_S
+from metergate.core.http import KeyCache
+from metergate.core.revocations import CHECK_S, Revocations
 
 # What another process may take to see a revocation: the cache's check interval, twice.
 PROPAGATION_S = 2 * CHECK_S
@@ -130,3 +131,17 @@ def test_a_revoked_configured_key_stays_revoked_after_a_restart(
         with serve(cfg, tmp_path) as gw:
             assert gw.get("/v1/hello").status_code == 401
             assert gw.get("/v1/hello", key=OTHER_KEY).status_code == 200
+
+
+def test_the_key_cache_trusts_an_entry_only_under_the_count_it_was_read_with() -> None:
+    """A higher revocation count makes every cached key stale at once; an older count read by a
+    racing lookup is refused, so its answer is read again."""
+    revocations = Revocations()
+    cache = KeyCache(revocations)
+    cache.put("k", "acme", now=100.0)
+    assert cache.get("k", now=100.1) == "acme"
+    assert revocations.observe(b"1")
+    assert cache.get("k", now=100.1) is None
+    assert not revocations.observe("0")
+    cache.put("k", "acme", now=100.2)
+    assert cache.get("k", now=100.2 + CHECK_S) is None  # not checked again since: not trusted
