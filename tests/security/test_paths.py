@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +23,7 @@ from tests.security.conftest import (
     upstream,
 )
 
+from metergate import Meter, WSGIMeteringMiddleware
 from metergate.core.paths import BadPath, normalize, normalize_decoded
 
 SEGMENTS = st.lists(
@@ -174,3 +178,31 @@ def test_the_path_of_an_unmetered_request_is_normalized_too(
     status, body = request(gateway, "/other/./x//y/../z")
     assert status == 200
     assert json.loads(body)["raw_path"] == "/other/x/z"
+
+
+@pytest.mark.parametrize("path", ["/x/../v1/hello", "//v1/hello", "/v1/./hello"])
+def test_the_wsgi_middleware_matches_the_normalized_path(path: str) -> None:
+    """Under WSGI too, path variants of a metered route are charged."""
+    cfg = config("http://127.0.0.1:9", f"memory://wsgi-{uuid.uuid4().hex}")
+    reached: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        reached.append(environ["PATH_INFO"])
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config=cfg)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "HTTP_AUTHORIZATION": f"Bearer {KEY}",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    statuses: list[str] = []
+    body = b"".join(middleware(environ, lambda status, headers, *a: statuses.append(status)))
+    assert statuses == ["200 OK"] and body == b"ok"
+    with Meter(cfg) as meter:
+        assert meter.balance("acme", "credits").amount == 999
+    assert reached == [path]
