@@ -33,6 +33,7 @@ _HEX = re.compile(r"[0-9A-Fa-f]{2}")
 _SLASHES = re.compile(r"//+")
 # Nothing to do for a path without any of these (the common case costs one scan).
 _SUSPECT = re.compile(r"%|//|/\.|\\|\x00")
+_SUSPECT_BYTES = re.compile(rb"%|//|/\.|\\|\x00")
 # The characters a path may hold as they are (RFC 3986 pchar and "/"); the rest is escaped.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -113,6 +114,8 @@ def normalize_decoded(path: str) -> str:
 def normal_scope(scope: dict[str, Any]) -> dict[str, Any]:
     """Return an ASGI HTTP scope whose `path` and `raw_path` are normalized (BadPath if not)."""
     raw_path = scope.get("raw_path")
+    if raw_path is not None and raw_path[:1] == b"/" and _SUSPECT_BYTES.search(raw_path) is None:
+        return scope  # the common case, decided on the bytes as they came
     if raw_path is None:
         path = normalize_decoded(scope["path"])
         return scope if path == scope["path"] else {**scope, "path": path}
