@@ -16,11 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from metergate.config import MAX_SAFE_INT, BalanceConfig, EntitlementConfig
+from metergate.config import MAX_SAFE_INT, BalanceConfig, EntitlementConfig, Name
 from metergate.core import directory
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.flows import Command
 from metergate.core.http import problem
+from metergate.core.jsonread import JSONRefused, canonical, read_json
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import REGISTRY, WEBHOOK_BACKLOG
 from metergate.openapi import build_document
@@ -32,6 +33,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
 Positive = Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)]
 IDEMPOTENCY_TTL_S = 86_400
+CHALLENGE = 'Bearer realm="metergate-admin"'
 
 
 class _Body(BaseModel):
@@ -42,7 +44,7 @@ class CustomerBody(_Body):
     """`PUT /v1/customers/{id}`."""
 
     entitlement: EntitlementConfig
-    balances: dict[str, BalanceConfig] = {}
+    balances: dict[Name, BalanceConfig] = {}
 
 
 class EntitlementBody(_Body):
@@ -95,11 +97,9 @@ def _invalid(errors: list[dict[str, str]]) -> Response:
 async def _parse(request: Request, model: type[_Body]) -> Any:
     raw = await request.body()
     try:
-        data = json.loads(raw or b"{}")
-    except json.JSONDecodeError as exc:
-        return _invalid([{"field": "body", "message": f"not JSON: {exc.msg}"}])
-    except UnicodeDecodeError:
-        return _invalid([{"field": "body", "message": "not UTF-8 JSON"}])
+        data = read_json(raw or b"{}")
+    except JSONRefused as exc:
+        return _invalid([{"field": "body", "message": str(exc)}])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -135,11 +135,10 @@ class AdminAPI:
 
         async def endpoint(request: Request) -> Response:
             if not self.authorized(request):
-                return _answer(
-                    "unauthenticated",
-                    401,
-                    "a valid admin bearer token is required",
-                )
+                response = _answer("unauthenticated", 401, "a valid admin bearer token is required")
+                # RFC 9110 11.6.1: a 401 names how to authenticate.
+                response.headers["www-authenticate"] = CHALLENGE
+                return response
             key = request.headers.get("idempotency-key") if mutation else None
             if key:
                 replay = await self._replay(request, key)
@@ -162,7 +161,10 @@ class AdminAPI:
         return endpoint
 
     async def _fingerprint(self, request: Request) -> str:
+        # Over the parsed body, so the same JSON written another way is the same request.
         body = await request.body()
+        with contextlib.suppress(JSONRefused):
+            body = canonical(read_json(body)) if body else body
         return directory.fingerprint(request.method.encode() + request.url.path.encode() + body)
 
     def _idem_key(self, key: str) -> str:
@@ -339,6 +341,8 @@ class AdminAPI:
         limit = request.query_params.get("limit", "100")
         if not limit.isdigit() or not 0 < int(limit) <= 10_000:
             return _invalid([{"field": "limit", "message": "must be an integer from 1 to 10000"}])
+        if await self.meter._drive(directory.find_entitlement(self.meter.core, cid)) is None:
+            raise NotFound(f"customer '{cid}' does not exist")
         return _json({"entries": await self.meter.ledger(cid, int(limit))})
 
     # -- events and health -------------------------------------------------------------------

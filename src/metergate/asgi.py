@@ -18,6 +18,7 @@ from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
+from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import STORAGE_ERRORS, observe
 
@@ -80,7 +81,7 @@ class MeteringMiddleware:
         # only turn a busy moment into 503s.
         embedded = self.config.storage.url.startswith("memory://")
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
-        self._keys = KeyCache()
+        self._keys = KeyCache(self.meter.core.revocations)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
@@ -96,6 +97,12 @@ class MeteringMiddleware:
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        try:
+            # Routes match, and the app (or upstream) gets, the normalized path.
+            scope = normal_scope(scope)
+        except BadPath as exc:
+            await _send_answer(send, bad_request(exc))
             return
         route = self.gate.routes.match(scope["method"], scope["path"])
         if route is None:
@@ -163,6 +170,7 @@ class MeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
+        scope["metergate.customer"] = customer  # the proxy caps upstream connections per customer
         await self._forward(
             scope, receive, send, fields, settle, read_headers=ticket is not None, tap=tap
         )

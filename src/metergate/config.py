@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from metergate.core.bodies import JsonPointer
+from metergate.core.names import name_problem
 
 __all__ = [
     "LEVELS",
@@ -43,6 +44,7 @@ __all__ = [
     "hash_api_key",
     "load_config",
     "parse_config",
+    "stored_api_key",
 ]
 
 LEVELS: tuple[str, ...] = ("Normal", "Warning", "Critical", "OverUsage")
@@ -172,18 +174,28 @@ def _webhook_secret(value: str) -> str:
     return value
 
 
+def _name(value: str) -> str:
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 def _stored_key(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     if value.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
         raise ValueError("starts with 'sha256:' but is not followed by 64 lowercase hex digits")
-    return hash_api_key(value)
+    return stored_api_key(value)
 
 
 DurationMs = Annotated[int, BeforeValidator(_duration_ms)]
 """A duration, given as seconds or `<int><unit>`, held as integer milliseconds (always > 0)."""
 
 Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
+
+Name = Annotated[str, AfterValidator(_name)]
+"""A customer id, metric, plan or balance name: 1 to 200 characters, no control characters."""
 
 
 class _Model(BaseModel):
@@ -253,7 +265,7 @@ class AssetConfig(_Model):
 class PlanConfig(_Model):
     """A plan: usage configuration per metric."""
 
-    assets: dict[str, AssetConfig]
+    assets: dict[Name, AssetConfig]
 
 
 class BalanceConfig(_Model):
@@ -282,7 +294,7 @@ class CustomerConfig(_Model):
     api_keys: list[Annotated[str, AfterValidator(_stored_key)]] = []
     """Plain keys are hashed on load; `sha256:<hex>` keys are kept as they are."""
     entitlement: EntitlementConfig
-    balances: dict[str, BalanceConfig] = {}
+    balances: dict[Name, BalanceConfig] = {}
 
 
 def _json_pointer(value: str) -> str:
@@ -344,6 +356,16 @@ class ProxyConfig(_Model):
 
     upstream: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:9000"
     timeout_s: Annotated[StrictInt, Field(gt=0)] = 30
+    """Budget for the upstream's answer, waiting for an upstream connection included (504)."""
+    header_timeout_s: Annotated[StrictInt, Field(gt=0)] = 10
+    """A request head must be complete within this many seconds of its first byte."""
+    body_timeout_s: Annotated[StrictInt, Field(gt=0)] = 30
+    """Longest wait for the next chunk of a request body (408 and the connection closed)."""
+    max_connections: Annotated[StrictInt, Field(gt=0)] = 1000
+    """Upstream connections open at once, for all customers."""
+    max_connections_per_customer: Annotated[StrictInt, Field(gt=0)] = 100
+    """Upstream connections one customer (or one unmetered client address) may hold at once;
+    its further requests wait for one of them within `timeout_s`, so nobody starves the rest."""
     max_body_bytes: Annotated[StrictInt, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: list[Annotated[str, AfterValidator(_network)]] = []
     """CIDRs whose `X-Forwarded-*` headers are kept, normalised (`10.0.0.1/8` is `10.0.0.0/8`)."""
@@ -396,9 +418,9 @@ class GatewayConfig(_Model):
     """The whole gateway configuration."""
 
     storage: StorageConfig = StorageConfig()
-    metrics: dict[str, MetricConfig] = {}
-    plans: dict[str, PlanConfig] = {}
-    customers: dict[str, CustomerConfig] = {}
+    metrics: dict[Name, MetricConfig] = {}
+    plans: dict[Name, PlanConfig] = {}
+    customers: dict[Name, CustomerConfig] = {}
     routes: list[RouteConfig] = []
     unmatched: Literal["pass", "deny"] = "pass"
     identity: IdentityConfig = IdentityConfig()
@@ -410,10 +432,19 @@ class GatewayConfig(_Model):
 
 
 def hash_api_key(key: str) -> str:
-    """Return the stored form of an API key: `sha256:<hex>` (already-hashed keys pass unchanged)."""
-    if re.fullmatch(r"sha256:[0-9a-f]{64}", key):
-        return key
+    """Return the stored form of a presented API key: `sha256:<hex>`, always hashed.
+
+    A presented `sha256:<hex>` is hashed like any other key: the stored form is never a key, so
+    whoever reads the config, a Redis dump or a backup cannot act as a customer.
+    """
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def stored_api_key(value: str) -> str:
+    """Return a configured key's stored form: `sha256:<hex>` is kept as written, plain keys hashed."""
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        return value
+    return hash_api_key(value)
 
 
 # Turning pydantic's errors into `path: message` in the words of the file the user wrote.
@@ -533,7 +564,9 @@ def _pydantic_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple[
             continue  # a mapping was written: the mapping member's errors say what is wrong
         if where.union_member == "model" and err["type"] == "model_type":
             continue  # a scalar was written: the scalar member's errors say what is wrong
-        if key_error:
+        if key_error and err["type"] == "value_error":
+            message = f"the name {_show(err['input'])} {_message(err, where)}"
+        elif key_error:
             message = f"the name {_show(err['input'])} must be a string (quote it)"
         else:
             message = _message(err, where)
@@ -724,6 +757,74 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
+"""A config file, and the document its YAML aliases expand to, may not pass 10 MB."""
+MAX_ALIAS_NODES = 10_000
+"""One YAML alias may not stand for more than this many nodes."""
+
+
+def _expanded(node: yaml.Node, memo: dict[int, tuple[int, int]], path: set[int]) -> tuple[int, int]:
+    """Return (nodes, bytes) of a YAML node with every alias expanded; memoized per node."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    if id(node) in path:
+        raise _alias_error("an alias refers to a node that contains it", node)
+    if isinstance(node, yaml.ScalarNode):
+        size = (1, len(node.value) + 1)
+    else:
+        path.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else _flat(node.value)
+        nodes, length = 1, 2
+        for child in children:
+            n, b = _expanded(child, memo, path)
+            nodes, length = nodes + n, length + b
+            if length > MAX_DOCUMENT_BYTES:
+                break  # over the limit already: the callers say so
+        path.discard(id(node))
+        size = (nodes, length)
+    memo[id(node)] = size
+    return size
+
+
+def _flat(pairs: list[tuple[yaml.Node, yaml.Node]]) -> list[yaml.Node]:
+    return [n for pair in pairs for n in pair]
+
+
+def _alias_error(problem: str, node: yaml.Node) -> yaml.MarkedYAMLError:
+    return yaml.composer.ComposerError(None, None, problem, node.start_mark)
+
+
+class _LimitedLoader(_UniqueKeyLoader):
+    """The unique-key loader, refusing aliases that expand past the limits ("billion laughs")."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor  # type: ignore[no-untyped-call]
+            if anchor in self.anchors:
+                node = self.anchors[anchor]
+                # one memo for the whole file: each node is sized once, however often aliased
+                memo: dict[int, tuple[int, int]] = self.__dict__.setdefault("_sizes", {})
+                nodes, length = _expanded(node, memo, set())
+                if nodes > MAX_ALIAS_NODES or length > MAX_DOCUMENT_BYTES:
+                    raise _alias_error(
+                        f"the alias *{anchor} expands to more than {MAX_ALIAS_NODES} nodes "
+                        f"or {MAX_DOCUMENT_BYTES // 2**20} MB",
+                        node,
+                    )
+        return super().compose_node(parent, index)
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded(node, {}, set())[1] > MAX_DOCUMENT_BYTES:
+            raise _alias_error(
+                f"the document expands to more than {MAX_DOCUMENT_BYTES // 2**20} MB "
+                "through its aliases",
+                node,
+            )
+        return node
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -740,7 +841,9 @@ def _parse(text: str, suffix: str) -> Any:
             return json.loads(text, object_pairs_hook=_unique_keys)
         if suffix == ".toml":
             return tomllib.loads(text)
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=_LimitedLoader)
+    except RecursionError:
+        raise ValueError("the document is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except yaml.MarkedYAMLError as exc:
@@ -762,6 +865,9 @@ def load_config(
         raise ConfigError([("", f"cannot read the file: {exc.strerror}")], source) from None
     except UnicodeDecodeError:
         raise ConfigError([("", "cannot read the file: it is not UTF-8 text")], source) from None
+    if len(text) > MAX_DOCUMENT_BYTES:
+        message = f"the file is larger than {MAX_DOCUMENT_BYTES // 2**20} MB"
+        raise ConfigError([("", message)], source)
     try:
         data = _parse(text, Path(path).suffix.lower())
     except ValueError as exc:

@@ -16,7 +16,10 @@ import yarl
 
 from metergate.asgi import MeteringMiddleware, Receive, Scope, Send
 from metergate.config import GatewayConfig
+from metergate.core.framing import framing_problem
 from metergate.core.http import Answer, problem
+from metergate.core.paths import BadPath, bad_request, normal_scope
+from metergate.fairness import CustomerSlots
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 
 __all__ = ["ProxyApp", "create_app"]
@@ -43,8 +46,33 @@ async def send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
+# From a peer that is not a trusted proxy, none of these is believed or passed on: each names a
+# client address, port, prefix or original URL that upstreams use for logs, redirects or access
+# rules (RFC 7239 `Forwarded` and the de facto X-* fields).
+SPOOFABLE = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
+
+CUSTOMER = "metergate.customer"
+"""The scope key where the metering middleware leaves the customer of an admitted request."""
+
+
 class BodyTooLarge(Exception):
     """The request body passed `proxy.max_body_bytes` while streaming."""
+
+
+class BodyTimeout(Exception):
+    """The next chunk of the request body did not come within `proxy.body_timeout_s`."""
 
 
 def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -64,6 +92,9 @@ class ProxyApp:
         upstream = yarl.URL(proxy.upstream)
         self.origin = str(upstream.origin())
         self.timeout_s = float(proxy.timeout_s)
+        self.body_timeout_s = float(proxy.body_timeout_s)
+        self.max_connections = proxy.max_connections
+        self.slots = CustomerSlots(proxy.max_connections_per_customer)
         self.session = session
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_body = proxy.max_body_bytes
@@ -93,8 +124,8 @@ class ProxyApp:
                 if key == b"host":
                     host = v
                 continue
-            if key == b"forwarded" and not trusted:
-                continue  # RFC 7239's field, like X-Forwarded-*, only from trusted proxies
+            if key in SPOOFABLE and not trusted:
+                continue
             if key in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
                 if trusted:
                     forwarded[key] = forwarded[key] + b", " + v if key in forwarded else v
@@ -124,9 +155,13 @@ class ProxyApp:
         if self.session is None or self.session.closed or self._loop is not loop:
             self._loop = loop
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
+                # `connect` covers the wait for a pooled connection too: 504 after timeout_s.
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
+                    total=None,
+                    connect=self.timeout_s,
+                    sock_connect=self.timeout_s,
+                    sock_read=self.timeout_s,
                 ),
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -139,16 +174,44 @@ class ProxyApp:
             return
         if scope["type"] != "http":
             return
-        headers = dict((k.lower(), v) for k, v in scope["headers"])
-        if b"transfer-encoding" in headers and b"content-length" in headers:
-            await send_answer(
-                send, problem("invalid-request", 400, "both Transfer-Encoding and Content-Length")
-            )
+        try:
+            scope = normal_scope(scope)  # already, behind the metering middleware
+        except BadPath as exc:
+            await send_answer(send, bad_request(exc))
             return
+        ambiguous = framing_problem(scope.get("http_version", "1.1"), scope["headers"])
+        if ambiguous is not None:
+            # `metergate serve` refuses these before any app runs; other servers get this.
+            await send_answer(send, _closing(problem("bad-request", 400, ambiguous)))
+            return
+        headers = dict((k.lower(), v) for k, v in scope["headers"])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await send_answer(send, _too_large(self.max_body))
             return
+        client = scope.get("client")
+        who = scope.get(CUSTOMER) or f"peer:{client[0] if client else ''}"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if not await self.slots.acquire(who, self.timeout_s):
+            await send_answer(send, _timed_out())
+            return
+        try:
+            left = max(0.001, self.timeout_s - (loop.time() - started))
+            await self._exchange(scope, receive, send, headers, length, left)
+        finally:
+            self.slots.release(who)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        length: bytes | None,
+        connect_s: float,
+    ) -> None:
+        """Forward one request and stream the answer back, within `connect_s` to connect."""
 
         body_read = False
 
@@ -156,7 +219,10 @@ class ProxyApp:
             nonlocal body_read
             seen = 0
             while True:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except TimeoutError:
+                    raise BodyTimeout from None
                 if message["type"] == "http.disconnect":
                     raise ClientGone
                 chunk = message.get("body", b"")
@@ -184,20 +250,30 @@ class ProxyApp:
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
                 allow_redirects=False,
                 compress=None,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=connect_s,
+                    sock_connect=self.timeout_s,
+                    sock_read=self.timeout_s,
+                ),
             )
         except BodyTooLarge:
             await send_answer(send, _too_large(self.max_body))
             return
+        except BodyTimeout:
+            await send_answer(send, _body_timeout(self.body_timeout_s))
+            return
         except ClientGone:
             return
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            await send_answer(
-                send, problem("gateway-timeout", 504, "the upstream did not answer in time")
-            )
+            await send_answer(send, _timed_out())
             return
         except aiohttp.ClientError as exc:
             if isinstance(exc.__cause__, BodyTooLarge) or "BodyTooLarge" in repr(exc):
                 await send_answer(send, _too_large(self.max_body))
+                return
+            if isinstance(exc.__cause__, BodyTimeout) or "BodyTimeout" in repr(exc):
+                await send_answer(send, _body_timeout(self.body_timeout_s))
                 return
             detail = f"the upstream is unreachable ({type(exc).__name__})"
             await send_answer(send, problem("bad-gateway", 502, detail))
@@ -256,6 +332,20 @@ class ClientGone(Exception):
 
 def _too_large(limit: int) -> Answer:
     return problem("body-too-large", 413, f"the request body exceeds {limit} bytes")
+
+
+def _timed_out() -> Answer:
+    return problem("gateway-timeout", 504, "the upstream did not answer in time")
+
+
+def _body_timeout(limit_s: float) -> Answer:
+    detail = f"the request body stalled for more than {limit_s:g} s"
+    return _closing(problem("request-timeout", 408, detail))
+
+
+def _closing(answer: Answer) -> Answer:
+    """The answer, with `Connection: close`: the server closes the connection after it."""
+    return Answer(answer.status, [*answer.headers, ("connection", "close")], answer.body)
 
 
 def create_app(

@@ -10,6 +10,7 @@ import uvicorn
 
 from metergate.admin import admin_app
 from metergate.config import GatewayConfig
+from metergate.http1 import protocol_class
 from metergate.meter import AsyncMeter
 from metergate.proxy import create_app
 
@@ -18,11 +19,13 @@ __all__ = ["serve"]
 logger = logging.getLogger("metergate")
 
 
-def _server(app: object, host: str, port: int) -> uvicorn.Server:
+def _server(app: object, host: str, port: int, header_timeout_s: float = 10) -> uvicorn.Server:
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
+        # h11, made strict: ambiguous framing and slow request heads never reach the app.
+        http=protocol_class(header_timeout_s),
         access_log=False,
         # X-Forwarded-* are metergate's to judge (proxy.trusted_proxies), not uvicorn's.
         proxy_headers=False,
@@ -45,9 +48,10 @@ async def serve(
 ) -> None:
     """Serve the proxy (and the admin API on its own port) until interrupted or `stop` is set."""
     meter = AsyncMeter(config)
-    servers = [_server(create_app(config, meter=meter), host, port)]
+    head_s = config.proxy.header_timeout_s
+    servers = [_server(create_app(config, meter=meter), host, port, head_s)]
     if admin_port is not None:
-        servers.append(_server(admin_app(config, meter=meter), host, admin_port))
+        servers.append(_server(admin_app(config, meter=meter), host, admin_port, head_s))
     stop = stop or asyncio.Event()
 
     async def stop_servers() -> None:

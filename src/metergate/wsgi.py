@@ -17,6 +17,7 @@ from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
+from metergate.core.paths import BadPath, bad_request, normalize_decoded
 from metergate.meter import ConfigSource, Meter, as_config
 from metergate.observability import STORAGE_ERRORS, observe
 
@@ -181,7 +182,7 @@ class WSGIMeteringMiddleware:
         self.meter = meter or Meter(self.config, clock=self.clock)
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
-        self._keys = KeyCache()
+        self._keys = KeyCache(self.meter.core.revocations)
         # Requests let through while storage was down (`on_failure: open`), recorded when it is
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
@@ -189,7 +190,11 @@ class WSGIMeteringMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        route = self.gate.routes.match(method, _path(environ))
+        try:
+            path = normalize_decoded(_path(environ))
+        except BadPath as exc:
+            return _answer(start_response, bad_request(exc))
+        route = self.gate.routes.match(method, path)
         if route is None:
             answer = self.gate.unmatched()
             if answer is None:

@@ -17,6 +17,7 @@ from metergate.config import (
     hash_api_key,
     load_config,
     parse_config,
+    stored_api_key,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,10 +300,11 @@ def test_plain_api_keys_are_hashed_on_load(admin_token: str) -> None:
     assert hash_api_key("acme-dev-key") == config.customers["acme"].api_keys[0]
 
 
-def test_hashed_api_keys_pass_unchanged() -> None:
-    """Hashing an already-hashed key returns it as it is."""
+def test_hashed_api_keys_in_the_config_are_kept_but_never_keys() -> None:
+    """A configured `sha256:` key is stored as written; presented, it is hashed like any key."""
     digest = hash_api_key("k")
-    assert hash_api_key(digest) == digest
+    assert stored_api_key(digest) == digest
+    assert hash_api_key(digest) != digest
 
 
 def test_env_expands_inside_strings() -> None:

@@ -232,9 +232,8 @@ def test_forwarded_headers_are_extended_from_trusted_peers(
     assert seen_headers(r)["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
 
 
-@pytest.mark.parametrize(
-    "path", ["//evil.example/x", "/%2F%2Fevil.example/x", "/http://evil.example/x"]
-)
+# An encoded slash (`/%2F%2Fevil.example/x`) is refused with 400: tests/security/test_paths.py.
+@pytest.mark.parametrize("path", ["//evil.example/x", "/http://evil.example/x"])
 def test_no_path_changes_the_upstream_origin(gateway: tuple[str, Meter], path: str) -> None:
     """Paths that look like authorities or URLs still go to the configured upstream."""
     url, _ = gateway

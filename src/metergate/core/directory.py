@@ -47,7 +47,7 @@ def issue_api_key(core: MeterCore, customer: str) -> Flow[dict[str, str]]:
 
 
 def _customer_keys(core: MeterCore, customer: str) -> str:
-    return f"{core.keys.tag(customer)}:keys:{customer}"
+    return core.keys.customer_keys(customer)
 
 
 def revoke_api_key(core: MeterCore, customer: str, key_id: str) -> Flow[None]:
@@ -66,6 +66,8 @@ def revoke_api_key(core: MeterCore, customer: str, key_id: str) -> Flow[None]:
         raise NotFound(f"API key '{key_id}' of customer '{customer}' does not exist")
     yield Command(("HDEL", core.keys.api_keys, digest))
     yield Command(("HDEL", _customer_keys(core, customer), key_id))
+    yield Command(("SADD", core.keys.revoked_keys, digest))
+    yield from core.revoked()
 
 
 def customer_view(core: MeterCore, customer: str) -> Flow[dict[str, Any]]:

@@ -31,7 +31,9 @@ from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnav
 from metergate.core.ids import new_ulid
 from metergate.core.keys import Keys
 from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
+from metergate.core.names import check_name
 from metergate.core.plans import CompiledAsset, compile_plans
+from metergate.core.revocations import Revocations
 from metergate.periods import period_window
 
 __all__ = [
@@ -95,11 +97,8 @@ def check_amount(value: object, field: str, *, signed: bool = False, positive: b
 
 
 def _check_name(value: object, field: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise InvalidAmount(field, "must be a non-empty string of at most 200 characters")
-    if any(ord(c) < 32 or c in "{}" for c in value):
-        raise InvalidAmount(field, "must not contain control characters or braces")
-    return value
+    # the one rule of names, shared with the config loader and the admin API
+    return check_name(value, field)
 
 
 def _iso(epoch_s: int) -> str:
@@ -184,6 +183,7 @@ class MeterCore:
         self.config = config
         self.clock = clock
         self.keys = Keys(config.storage.prefix, config.storage.partitions)
+        self.revocations = Revocations()
         self.plans: dict[str, dict[str, CompiledAsset]] = compile_plans(config)
         self._entitlements: dict[str, Entitlement] = {}
         self._bootstrapped = False
@@ -326,7 +326,9 @@ class MeterCore:
         for name, balance in spec.balances.items():
             yield from self._create_balance(cid, name, balance, keep_settings=only_if_missing)
         for key_hash in spec.api_keys if api_keys else ():
-            yield Command(("HSET", self.keys.api_keys, key_hash, cid))
+            # a configured key revoked at runtime is not brought back by the next start
+            if not (yield Command(("SISMEMBER", self.keys.revoked_keys, key_hash))):
+                yield Command(("HSET", self.keys.api_keys, key_hash, cid))
         self._entitlements.pop(cid, None)
 
     def _check_entitlement(self, plan: str, timezone: str) -> None:
@@ -387,7 +389,14 @@ class MeterCore:
     def customer_for_key(self, api_key: str) -> Flow[str | None]:
         """Return the customer holding an API key (looked up by its hash), or None."""
         yield from self.bootstrap()
-        found = yield Command(("HGET", self.keys.api_keys, hash_api_key(api_key)))
+        digest = hash_api_key(api_key)
+        while True:
+            # The count first: a revocation after it is seen at the next check.
+            version, found = yield Batch(
+                (("GET", self.keys.revocations), ("HGET", self.keys.api_keys, digest))
+            )
+            if self.revocations.observe(version):
+                break
         if not found:
             yield from self.require_data(self.sentinel(None))
         return str(found) if found else None
@@ -401,7 +410,14 @@ class MeterCore:
     def remove_api_key(self, key_hash: str) -> Flow[bool]:
         """Revoke an API key by its hash; return whether it existed."""
         removed = yield Command(("HDEL", self.keys.api_keys, key_hash))
+        yield Command(("SADD", self.keys.revoked_keys, key_hash))
+        yield from self.revoked()
         return bool(removed)
+
+    def revoked(self) -> Flow[None]:
+        """Tell every process that an API key was revoked (this one at once, others at their
+        next check of the revocation count)."""
+        self.revocations.observe((yield Command(("INCR", self.keys.revocations))))
 
     # -- admissions ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 from metergate.config import CostConfig, GatewayConfig, RequestReserveConfig, RouteConfig
 from metergate.core.bodies import MAX_SCAN_BYTES, BodyCost, JsonPointer, RequestReserve
 from metergate.core.model import Decision
+from metergate.core.revocations import CHECK_S, Revocations
 
 __all__ = [
     "Admission",
@@ -453,23 +454,35 @@ class Gate:
 class KeyCache:
     """API key -> customer, remembered for `ttl_s` so most requests need no lookup.
 
-    A revoked key keeps working for at most `ttl_s` in each process; unknown keys are never
+    An entry is trusted only while it carries the revocation count of `revocations` and for
+    `CHECK_S` after the last lookup (which reads the count again): a key revoked by this process
+    is refused at once, one revoked by another within about `CHECK_S`. Unknown keys are never
     remembered, so a key issued at runtime works at once."""
 
-    def __init__(self, ttl_s: float = 5.0, size: int = 100_000) -> None:
+    def __init__(
+        self, revocations: Revocations | None = None, ttl_s: float = 5.0, size: int = 100_000
+    ) -> None:
+        self.revocations = revocations or Revocations()
         self.ttl_s = ttl_s
         self.size = size
-        self._entries: dict[str, tuple[str, float]] = {}
+        self._entries: dict[str, tuple[str, float, int]] = {}
+        self._checked = -math.inf
 
     def get(self, key: str, now: float) -> str | None:
         """Return the customer remembered for `key`, if still fresh at `now` (monotonic s)."""
         entry = self._entries.get(key)
-        if entry is not None and entry[1] > now:
+        if (
+            entry is not None
+            and entry[1] > now
+            and entry[2] == self.revocations.version
+            and now - self._checked < CHECK_S
+        ):
             return entry[0]
         return None
 
     def put(self, key: str, customer: str, now: float) -> None:
-        """Remember `key`'s customer from `now` on."""
+        """Remember `key`'s customer from `now` on, as just read from storage."""
         if len(self._entries) >= self.size:
             self._entries.clear()
-        self._entries[key] = (customer, now + self.ttl_s)
+        self._checked = max(self._checked, now)
+        self._entries[key] = (customer, now + self.ttl_s, self.revocations.version)

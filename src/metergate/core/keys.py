@@ -1,9 +1,16 @@
-"""Redis key names: every key of one customer carries its partition's hash tag (one Cluster slot)."""
+"""Redis key names: every key of one customer carries its partition's hash tag (one Cluster slot).
+
+Names inside keys go through `key_part`, which escapes `%`, `:`, `{` and `}`: the parts of a key
+are joined with `:`, so two different (customer, metric, balance) tuples never share a key, and
+the partition's tag is the only `{...}` a key holds.
+"""
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+
+from metergate.core.names import key_part
 
 __all__ = ["Keys"]
 
@@ -49,30 +56,44 @@ class Keys:
 
     def customer(self, customer: str) -> str:
         """Return the hash holding a customer's entitlement, version and event sequence."""
-        return f"{self.tag(customer)}:c:{customer}"
+        return f"{self.tag(customer)}:c:{key_part(customer)}"
 
     def ledger(self, customer: str) -> str:
         """Return the list of a customer's balance mutations, newest first."""
-        return f"{self.tag(customer)}:ledger:{customer}"
+        return f"{self.tag(customer)}:ledger:{key_part(customer)}"
 
     def operation(self, customer: str, op_id: str) -> str:
         """Return the record of one operation id, scoped to the customer."""
-        return f"{self.tag(customer)}:op:{customer}:{op_id}"
+        return f"{self.tag(customer)}:op:{key_part(customer)}:{op_id}"
 
     def asset(self, customer: str, metric: str) -> tuple[str, str]:
         """Return an asset's state hash and the zset of its pending holds and leases."""
-        stem = f"{self.tag(customer)}:a:{customer}:{metric}"
+        stem = f"{self.tag(customer)}:a:{key_part(customer)}:{key_part(metric)}"
         return stem, stem + ":x"
 
     def balance(self, customer: str, name: str) -> tuple[str, str]:
         """Return a balance's hash and the zset of its holds' expiries."""
-        stem = f"{self.tag(customer)}:b:{customer}:{name}"
+        stem = f"{self.tag(customer)}:b:{key_part(customer)}:{key_part(name)}"
         return stem, stem + ":x"
+
+    def customer_keys(self, customer: str) -> str:
+        """Return the hash of a customer's API key ids -> key hashes."""
+        return f"{self.tag(customer)}:keys:{key_part(customer)}"
 
     @property
     def api_keys(self) -> str:
         """Return the hash mapping API key hashes to customers (outside any customer's slot)."""
         return f"{self.prefix}:api-keys"
+
+    @property
+    def revocations(self) -> str:
+        """Return the counter of API-key revocations (in the API keys' slot)."""
+        return f"{{{self.prefix}:api-keys}}:revocations"
+
+    @property
+    def revoked_keys(self) -> str:
+        """Return the set of revoked key hashes (a configured key revoked stays revoked)."""
+        return f"{{{self.prefix}:api-keys}}:revoked"
 
     @property
     def customers(self) -> str:
