@@ -19,6 +19,8 @@ MAX_NAME_LENGTH = 200
 # C0 controls, DEL and C1 controls: invisible in logs and dashboards, and the separator (US, \x1f)
 # the scripts put between names in set members.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates are not characters: they cannot be encoded, so they cannot be stored.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # `%` first, so an escaped name never reads as another name's escape.
 _SPECIAL = re.compile(r"[%:{}]")
 _ESCAPES = {"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"}
@@ -32,6 +34,8 @@ def name_problem(value: object) -> str | None:
         return f"must be 1 to {MAX_NAME_LENGTH} characters long, not {len(value)}"
     if _CONTROL.search(value):
         return "must not contain control characters"
+    if _SURROGATE.search(value):
+        return "must be valid Unicode (a lone surrogate is not a character)"
     return None
 
 
