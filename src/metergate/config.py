@@ -178,6 +178,16 @@ def _stored_key(value: str) -> str:
     return hash_api_key(value)
 
 
+def _refund_status(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if not 100 <= value <= 599:
+            raise ValueError(f"{value} is not an HTTP status (100 to 599)")
+        return value
+    if not re.fullmatch(r"[1-5]xx", value):
+        raise ValueError(f"{value!r} is neither a status nor a class like '5xx'")
+    return value
+
+
 DurationMs = Annotated[int, BeforeValidator(_duration_ms)]
 """A duration, given as seconds or `<int><unit>`, held as integer milliseconds (always > 0)."""
 
@@ -307,6 +317,8 @@ class RouteConfig(_Model):
     meter: list[MeterConfig] = []
     reserve_ttl: DurationMs = 300_000
     lease_ttl: DurationMs | None = None
+    refund_on: list[Annotated[StrictInt | str, AfterValidator(_refund_status)]] = ["5xx"]
+    """Response statuses whose admission is undone: integers (`502`) or classes (`"4xx"`)."""
 
 
 class IdentityConfig(_Model):

@@ -387,8 +387,13 @@ class MeterCore:
         estimates: Mapping[str, int] | None = None,
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
+        attempt: str | None = None,
+        operation: str | None = None,
     ) -> Flow[Decision]:
-        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        """Decide and record one admission of (metric, amount) pairs, all or nothing.
+
+        `attempt` (from `new_attempt`) names this call for `refund`, also when its reply is lost;
+        `operation` replaces the operation id of `idempotency_key` (HTTP keys use their own)."""
         ops = {m: ("a", check_amount(v, f"amounts.{m}")) for m, v in amounts.items()}
         for metric, estimate in (estimates or {}).items():
             if metric in ops:
@@ -406,8 +411,14 @@ class MeterCore:
                 idempotency_key,
                 hold_ttl_ms=hold_ttl_ms,
                 lease_ttl_ms=lease_ttl_ms,
+                op_id=operation,
+                attempt=attempt or self.new_attempt(),
             )
         )
+
+    def new_attempt(self) -> str:
+        """Return a fresh attempt id, unique across processes."""
+        return f"{self._ids_prefix}{next(self._ids):x}"
 
     def record(
         self, customer: str, metric: str, value: int, idempotency_key: str | None = None
@@ -444,6 +455,54 @@ class MeterCore:
                 fingerprint="settle",
             )
         )
+
+    def refund(self, customer: str, attempt: str, operation: str = "") -> Flow[str]:
+        """Undo one admission exactly once, or stop it from happening if it has not arrived yet.
+
+        Returns 'refunded', 'void' (nothing had happened; a late arrival is now refused) or
+        'done' (refunded before). A keyed admission (`operation`) is forgotten, so that a retry
+        with its key is metered as new."""
+        _check_name(customer, "customer")
+        if not attempt:
+            raise InvalidAmount("attempt", "name the admission's attempt")
+        partition = self.keys.partition(customer)
+        undo = self.keys.operation(customer, "u:" + attempt)
+        op_key = self.keys.operation(customer, operation) if operation else undo
+        for _attempt in range(3):
+            record = yield Command(("GET", undo))
+            metrics, balances, window = _undo_names(record)
+            keys = [
+                undo,
+                op_key,
+                self.keys.outbox(partition),
+                self.keys.customer(customer),
+                self.keys.ledger(customer),
+            ]
+            for metric in metrics:
+                keys += self.keys.asset(customer, metric)
+            for name in balances:
+                keys += self.keys.balance(customer, name)
+            keys += (
+                self.keys.usage_window(partition, window),
+                self.keys.usage_open(partition),
+                self.keys.holds(partition),
+            )
+            reply = yield Script(
+                "refund",
+                tuple(keys),
+                (
+                    str(int(self.clock() * 1000)),
+                    str(AUTO_OP_TTL_S),
+                    customer,
+                    str(len(metrics)),
+                    str(len(balances)),
+                    *metrics,
+                    *balances,
+                ),
+            )
+            if reply[0] != "stale":
+                return str(reply[0])
+        raise RuntimeError(f"the admission {attempt!r} keeps changing; try again")
 
     def _shape(self, customer: str, assets: list[CompiledAsset]) -> _Shape:
         balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
@@ -496,14 +555,15 @@ class MeterCore:
         fingerprint: str | None = None,
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
+        attempt: str = "",
     ) -> Flow[Decision]:
         if not self._bootstrapped:
             yield from self.bootstrap()
         if op_id is None:
             # Without a key the caller will not retry, and the script keeps no operation record.
             op_id = f"k:{idempotency_key}" if idempotency_key else ""
-        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
-        hold_id = hold_id or op_id or f"a:{self._ids_prefix}{next(self._ids):x}"
+        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id or op_id else AUTO_OP_TTL_S
+        hold_id = hold_id or op_id or f"a:{attempt or self.new_attempt()}"
         if fingerprint is None:
             # the fingerprint only matters to an operation record
             fingerprint = (
@@ -571,19 +631,36 @@ class MeterCore:
                 )
             keys.append(shape.window[1])
             keys += shape.tail
+            keys.append(self.keys.operation(customer, "u:" + attempt) if attempt else keys[0])
             args += shape.window[2]
+            args.append(attempt)
             reply = yield Script("admit", tuple(keys), tuple(args))
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
                 continue
+            if reply[0] in ("void", "dup"):
+                # this attempt was refunded before it arrived, or was already applied
+                allowed = reply[0] == "dup"
+                status = 200 if allowed else 503
+                return Decision(
+                    allowed, status, None if allowed else "metering-unavailable", customer
+                )
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             ticket = None
             leased = {m: ops[m][1] for m in shape.leases if ops[m][0] == "a"}
             estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
-            if leased or estimated:
-                ticket = Ticket(customer, plan_name or ent.plan, hold_id, estimated, leased)
+            if leased or estimated or attempt:
+                ticket = Ticket(
+                    customer,
+                    plan_name or ent.plan,
+                    hold_id,
+                    estimated,
+                    leased,
+                    attempt=attempt,
+                    operation=op_id,
+                )
             return _decision(customer, assets, windows, balances, reply, now_s, ticket)
         raise RuntimeError(f"the entitlement of '{customer}' keeps changing; try again")
 
@@ -811,6 +888,18 @@ class MeterCore:
 
 
 _USAGE_LINE = ("uw", "ud", "un", "ut", "ua", "uh")
+
+
+def _undo_names(record: str | None) -> tuple[list[str], list[str], int]:
+    """The metrics, balances and usage window of an admission's undo record (see admit.lua)."""
+    if not record or not record.startswith("done\x1f"):
+        return [], [], 0
+    fields = record.split("\x1f")
+    n = int(fields[3])
+    metrics = [fields[4 + 9 * i] for i in range(n)]
+    q = 4 + 9 * n
+    balances = [fields[q + 1 + 3 * j] for j in range(int(fields[q]))]
+    return metrics, balances, int(fields[2])
 
 
 def _usage_line(balance: str, fields: list[str]) -> dict[str, Any]:
