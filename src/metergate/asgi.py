@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
+from metergate.core.http import (
+    GATEWAY_ANSWER,
+    Admission,
+    Answer,
+    Gate,
+    KeyCache,
+    ratelimit_fields,
+)
 from metergate.core.model import Decision
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import STORAGE_ERRORS, observe
+from metergate.recovery import Recovery
 
 __all__ = ["MeteringMiddleware"]
 
@@ -30,9 +36,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Identify = Callable[[Scope], "str | Awaitable[str | None] | None"]
-OnEnd = Callable[[Mapping[str, str]], Awaitable[None]]
+OnEnd = Callable[[Mapping[str, str], bool], Awaitable[None]]
 
-DEGRADED_BUFFER = 100_000
 SHUTDOWN_DRAIN_S = 5.0
 DEGRADED = [("metergate-degraded", "?1")]
 
@@ -81,10 +86,9 @@ class MeteringMiddleware:
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
         self._keys = KeyCache()
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
-        # Requests let through while storage was down (`on_failure: open`), recorded when it is
-        # back.
-        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
-        self._drain_task: asyncio.Task[None] | None = None
+        # Refunds of admissions whose reply was lost, and requests let through while storage was
+        # down (`on_failure: open`): a background task runs them as soon as storage answers.
+        self.recovery = Recovery(self.meter)
         # Settlements that outlive their request (client gone, task cancelled) are kept here so
         # the event loop does not drop them half-way.
         self._settling: set[asyncio.Future[None]] = set()
@@ -128,24 +132,31 @@ class MeteringMiddleware:
             await _send_answer(send, planned)
             return
         started = time.perf_counter()
+        # The attempt id names this admission before it is sent: if its reply is lost, a refund
+        # by that id undoes it, or voids it should it reach storage later.
+        attempt = self.meter.core.new_attempt()
+        operation = f"h:{planned.idempotency_key}" if planned.idempotency_key else ""
         try:
             # Every storage call is bounded by `storage.timeout_ms` on its own (the pipelined
             # connection's timer, the client's socket timeout), so no timer wraps the whole.
-            decision = await self._admit(planned)
+            decision = await self._admit(planned, attempt, operation)
         except (StorageUnavailable, TimeoutError):
             STORAGE_ERRORS.inc()
-            await self._storage_failed(scope, receive, send, planned, None)
+            await self._storage_failed(scope, receive, send, planned, None, attempt, operation)
             return
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             await _send_answer(send, self.gate.refusal(decision, self.clock()))
             return
-        self._start_drain()
 
         ticket = decision.ticket
 
-        async def settle(response_headers: Mapping[str, str]) -> None:
+        async def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
             if ticket is None:
+                return
+            if refunded:
+                # the customer did not get what it paid for: undo the admission, holds too
+                await self._refund(ticket.customer, ticket.attempt, ticket.operation)
                 return
             try:
                 await self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
@@ -153,17 +164,35 @@ class MeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
-        await self._forward(scope, receive, send, fields, settle, read_headers=ticket is not None)
+        await self._forward(
+            scope,
+            receive,
+            send,
+            fields,
+            settle,
+            read_headers=bool(planned.response_costs),
+            refund_on=planned.route.refund_on,
+        )
 
-    async def _admit(self, planned: Admission) -> Decision:
+    async def _refund(self, customer: str, attempt: str, operation: str) -> None:
+        try:
+            await self.meter.refund(customer, attempt, operation)
+        except (StorageUnavailable, TimeoutError):
+            self.recovery.refund(customer, attempt, operation)
+        except Exception:
+            logger.exception("metergate: refund of %s failed", attempt)
+
+    async def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
         return await self.meter.admit(
             planned.customer,
             planned.amounts,
-            planned.idempotency_key,
+            None,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
             lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
+            attempt=attempt,
+            operation=operation or None,
         )
 
     async def _customer(self, scope: Scope, key: str | None) -> str | None:
@@ -208,23 +237,33 @@ class MeteringMiddleware:
         on_end: OnEnd,
         *,
         read_headers: bool = True,
+        refund_on: frozenset[int] = frozenset(),
     ) -> None:
         """Run the app with our fields added; `on_end` runs once, however the response ends.
 
-        `on_end` gets the response's header fields (lowercased) when `read_headers`, else none.
+        `on_end` gets the response's header fields (lowercased) when `read_headers`, else none,
+        and whether the admission is to be refunded: the status is in `refund_on`, the gateway
+        answered itself (413, 400, 502, 504), or the app raised before answering (a 500).
         """
         added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
         ended = False
+        status = 500  # what the server answers when the app raises before starting a response
+        own = False
 
         async def end() -> None:
             nonlocal ended
             if not ended:
                 ended = True
-                await on_end(response_headers)
+                await on_end(response_headers, own or status in refund_on)
 
         async def metered_send(message: Message) -> None:
+            nonlocal status, own
             if message["type"] == "http.response.start":
+                status = message["status"]
+                if message.get(GATEWAY_ANSWER):
+                    own = True
+                    message = {k: v for k, v in message.items() if k != GATEWAY_ANSWER}
                 # The app's own headers stay untouched; ours are appended.
                 if read_headers:
                     for k, v in message.get("headers", ()):
@@ -254,51 +293,37 @@ class MeteringMiddleware:
         send: Send,
         planned: Admission,
         api_key: str | None,
+        attempt: str = "",
+        operation: str = "",
     ) -> None:
+        """Answer for storage that did not answer: 503 (its admission, if sent, is refunded once
+        storage is back), or let the request through and record it later (`open`)."""
         if self.config.storage.on_failure == "closed":
+            if attempt:
+                # The admission may still arrive, or may have been applied with its reply lost.
+                self.recovery.refund(planned.customer, attempt, operation)
             await _send_answer(send, self.gate.unavailable())
             return
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
-        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
 
-        async def defer(response_headers: Mapping[str, str]) -> None:
-            item = self.gate.deferred(planned, response_headers, operation, api_key)
-            if item is None:
+        async def defer(response_headers: Mapping[str, str], refunded: bool) -> None:
+            if refunded:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
                 return
-            if len(self._deferred) == self._deferred.maxlen:
-                logger.error(
-                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
-                )
-            self._deferred.append(item)
+            # Recorded under the lost admission's attempt: charged once whether or not it arrived.
+            item = self.gate.deferred(planned, response_headers, op, api_key, attempt)
+            if item is None:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
+                return
+            self.recovery.record(item)
 
-        await self._forward(scope, receive, send, DEGRADED, defer)
-
-    def _start_drain(self) -> None:
-        if self._deferred and (self._drain_task is None or self._drain_task.done()):
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        """Record what was let through while storage was down, each under its own operation id."""
-        while self._deferred:
-            item = self._deferred[0]
-            try:
-                customer = item.customer
-                if customer is None and item.api_key is not None:
-                    customer = await self.meter.customer_for_key(item.api_key)
-                if customer is not None:
-                    decision = await self.meter.admit(customer, item.amounts, item.operation)
-                    if not decision.allowed:
-                        logger.warning(
-                            "metergate: a request let through while storage was down was refused "
-                            "afterwards (%s); it stays unrecorded",
-                            decision.problem,
-                        )
-            except (StorageUnavailable, TimeoutError):
-                return  # still down: the next admitted request starts another drain
-            except Exception:
-                logger.exception("metergate: could not record a request let through while down")
-            self._deferred.popleft()
+        await self._forward(
+            scope, receive, send, DEGRADED, defer, refund_on=planned.route.refund_on
+        )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: Message) -> None:
@@ -308,9 +333,7 @@ class MeteringMiddleware:
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes
                     await asyncio.wait(set(self._settling), timeout=SHUTDOWN_DRAIN_S)
-                if self._deferred:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._drain(), SHUTDOWN_DRAIN_S)
+                await self.recovery.close(SHUTDOWN_DRAIN_S)
                 await self.meter.aclose()
             await send(message)
 

@@ -7,17 +7,17 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 
 from metergate.config import GatewayConfig
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
+from metergate.core.http import Admission, Answer, Gate, KeyCache, ratelimit_fields
 from metergate.core.model import Decision
 from metergate.meter import ConfigSource, Meter, as_config
 from metergate.observability import STORAGE_ERRORS, observe
+from metergate.recovery import ThreadRecovery
 
 __all__ = ["WSGIMeteringMiddleware"]
 
@@ -26,10 +26,8 @@ logger = logging.getLogger("metergate")
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
-OnEnd = Callable[[Mapping[str, str]], None]
+OnEnd = Callable[[Mapping[str, str], bool], None]
 
-DEGRADED_BUFFER = 100_000
-DRAIN_PER_REQUEST = 100
 DEGRADED = [("metergate-degraded", "?1")]
 
 
@@ -169,10 +167,9 @@ class WSGIMeteringMiddleware:
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
         self._keys = KeyCache()
-        # Requests let through while storage was down (`on_failure: open`), recorded when it is
-        # back.
-        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
-        self._draining = threading.Lock()
+        # Refunds of admissions whose reply was lost, and requests let through while storage was
+        # down (`on_failure: open`): a background thread runs them as soon as storage answers.
+        self.recovery = ThreadRecovery(self.meter)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
@@ -204,43 +201,60 @@ class WSGIMeteringMiddleware:
         if isinstance(planned, Answer):
             return _answer(start_response, planned)
         started = time.perf_counter()
+        # Named before it is sent: if its reply is lost, a refund by this id undoes or voids it.
+        attempt = self.meter.core.new_attempt()
+        operation = f"h:{planned.idempotency_key}" if planned.idempotency_key else ""
         try:
-            decision = self._admit(planned)
+            decision = self._admit(planned, attempt, operation)
         except StorageUnavailable:
             STORAGE_ERRORS.inc()
-            return self._storage_failed(environ, start_response, planned, None)
+            return self._storage_failed(environ, start_response, planned, None, attempt, operation)
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             return _answer(start_response, self.gate.refusal(decision, self.clock()))
-        if self._deferred:
-            self._drain(DRAIN_PER_REQUEST)
 
         ticket = decision.ticket
         fields = ratelimit_fields(decision, self.clock())
-        if ticket is None:
-            # Nothing to settle when the response is over: the body is the app's own.
+        if ticket is None or not (ticket.estimated or ticket.leased or route.refund_on):
+            # Nothing to settle or refund when the response is over: the body is the app's own.
             def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
                 return start_response(status, [*headers, *fields], *args)
 
             return self.app(environ, start_with_fields)
 
-        def settle(response_headers: Mapping[str, str]) -> None:
+        def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
+            if refunded:
+                # the customer did not get what it paid for: undo the admission, holds too
+                self._refund(ticket.customer, ticket.attempt, ticket.operation)
+                return
+            if not ticket.estimated and not ticket.leased:
+                return
             try:
                 self.meter.settle(ticket, self.gate.actuals(planned, response_headers))
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
-        return self._forward(environ, start_response, fields, settle)
+        return self._forward(environ, start_response, fields, settle, route.refund_on)
 
-    def _admit(self, planned: Admission) -> Decision:
+    def _refund(self, customer: str, attempt: str, operation: str) -> None:
+        try:
+            self.meter.refund(customer, attempt, operation)
+        except StorageUnavailable:
+            self.recovery.refund(customer, attempt, operation)
+        except Exception:
+            logger.exception("metergate: refund of %s failed", attempt)
+
+    def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
         return self.meter.admit(
             planned.customer,
             planned.amounts,
-            planned.idempotency_key,
+            None,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
             lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
+            attempt=attempt,
+            operation=operation or None,
         )
 
     def _customer(self, environ: Environ, key: str | None) -> str | None:
@@ -263,16 +277,22 @@ class WSGIMeteringMiddleware:
         start_response: StartResponse,
         fields: list[tuple[str, str]],
         on_end: OnEnd,
+        refund_on: frozenset[int] = frozenset(),
     ) -> Iterable[bytes]:
-        """Run the app with our fields added; `on_end` runs once, however the response ends."""
+        """Run the app with our fields added; `on_end` runs once, however the response ends,
+        and is told to refund when the status is in `refund_on` or the app raised before
+        answering (a 500)."""
         response_headers: dict[str, str] = {}
         ended = threading.Lock()
+        answered = [500]
 
         def end() -> None:
             if ended.acquire(blocking=False):
-                on_end(response_headers)
+                on_end(response_headers, answered[0] in refund_on)
 
         def metered_start_response(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            code = status[:3]
+            answered[0] = int(code) if code.isdigit() else 500
             # The app's own headers stay untouched; ours are appended.
             for k, v in headers:
                 response_headers[k.lower()] = v
@@ -291,50 +311,26 @@ class WSGIMeteringMiddleware:
         start_response: StartResponse,
         planned: Admission,
         api_key: str | None,
+        attempt: str = "",
+        operation: str = "",
     ) -> Iterable[bytes]:
+        """Answer 503 (refunding the admission, if sent, once storage is back), or let the request
+        through and record it later under the lost admission's attempt (`open`)."""
         if self.config.storage.on_failure == "closed":
+            if attempt:
+                self.recovery.refund(planned.customer, attempt, operation)
             return _answer(start_response, self.gate.unavailable())
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
-        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
 
-        def defer(response_headers: Mapping[str, str]) -> None:
-            item = self.gate.deferred(planned, response_headers, operation, api_key)
-            if item is None:
-                return
-            if len(self._deferred) == self._deferred.maxlen:
-                logger.error(
-                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
-                )
-            self._deferred.append(item)
+        def defer(response_headers: Mapping[str, str], refunded: bool) -> None:
+            item = None
+            if not refunded:
+                item = self.gate.deferred(planned, response_headers, op, api_key, attempt)
+            if item is not None:
+                self.recovery.record(item)
+            elif attempt:
+                self.recovery.refund(planned.customer, attempt, operation)
 
-        return self._forward(environ, start_response, DEGRADED, defer)
-
-    def _drain(self, limit: int) -> None:
-        """Record up to `limit` requests let through while storage was down (one thread at once)."""
-        if not self._draining.acquire(blocking=False):
-            return
-        try:
-            for _ in range(limit):
-                if not self._deferred:
-                    return
-                item = self._deferred[0]
-                try:
-                    customer = item.customer
-                    if customer is None and item.api_key is not None:
-                        customer = self.meter.customer_for_key(item.api_key)
-                    if customer is not None:
-                        decision = self.meter.admit(customer, item.amounts, item.operation)
-                        if not decision.allowed:
-                            logger.warning(
-                                "metergate: a request let through while storage was down was "
-                                "refused afterwards (%s); it stays unrecorded",
-                                decision.problem,
-                            )
-                except StorageUnavailable:
-                    return  # still down: a later admitted request tries again
-                except Exception:
-                    logger.exception("metergate: could not record a request let through while down")
-                self._deferred.popleft()
-        finally:
-            self._draining.release()
+        return self._forward(environ, start_response, DEGRADED, defer, planned.route.refund_on)

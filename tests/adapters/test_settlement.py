@@ -81,10 +81,11 @@ def test_lease_ends_after_a_normal_response(gateway: Gateway) -> None:
 
 
 def test_lease_ends_when_the_app_raises(gateway: Gateway) -> None:
-    """An app that raises before answering still ends its lease and settles its hold."""
+    """An app that raises before answering (a 500) ends its lease and releases its hold unpaid."""
     response = gateway.client.post("/v1/chat", headers={**ACME, "x-mode": "raise"})
     assert response.status_code == 500
-    assert settled(gateway) == (50, 0, 0, 0)
+    assert settled(gateway) == (0, 0, 0, 0)
+    assert gateway.meter.balance("acme", "credits").available == 1000
     assert (
         gateway.client.get("/v1/concurrent", headers={**ACME, "x-mode": "raise"}).status_code == 500
     )

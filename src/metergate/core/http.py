@@ -19,6 +19,7 @@ from metergate.config import CostConfig, GatewayConfig, RouteConfig
 from metergate.core.model import Decision
 
 __all__ = [
+    "GATEWAY_ANSWER",
     "Admission",
     "Answer",
     "CompiledRoute",
@@ -30,6 +31,7 @@ __all__ = [
     "api_key_from",
     "problem",
     "ratelimit_fields",
+    "refund_statuses",
 ]
 
 TITLES = {
@@ -49,6 +51,10 @@ TITLES = {
     "bad-gateway": "Bad gateway",
     "gateway-timeout": "Gateway timeout",
 }
+
+GATEWAY_ANSWER = "metergate.gateway_answer"
+"""A key in an ASGI `http.response.start` message marking an answer the gateway itself gave after
+admitting (413, 400, 502, 504): its admission is always refunded."""
 
 _SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 
@@ -84,6 +90,8 @@ class CompiledRoute:
     costs: tuple[MeteredCost, ...]
     reserve_ttl_ms: int
     lease_ttl_ms: int | None
+    refund_on: frozenset[int] = frozenset()
+    """The response statuses whose admission is refunded."""
 
 
 def _methods(methods: Sequence[str] | None) -> frozenset[str] | None:
@@ -118,7 +126,20 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
         costs=tuple(costs),
         reserve_ttl_ms=route.reserve_ttl,
         lease_ttl_ms=route.lease_ttl,
+        refund_on=refund_statuses(route.refund_on),
     )
+
+
+def refund_statuses(items: Sequence[int | str]) -> frozenset[int]:
+    """Expand `refund_on` items (`502`, `"5xx"`) into the set of statuses they name."""
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, int):
+            out.add(item)
+        else:
+            first = int(item[0]) * 100
+            out.update(range(first, first + 100))
+    return frozenset(out)
 
 
 class RouteTable:
@@ -255,6 +276,9 @@ class Deferred:
     """The key to look the customer up by, when storage was down before it could be."""
     amounts: dict[str, int]
     operation: str
+    attempt: str = ""
+    """The attempt id of the admission that timed out: recorded under it, it counts once even
+    when that admission arrived late."""
 
 
 class Gate:
@@ -374,6 +398,7 @@ class Gate:
         response_headers: Mapping[str, str],
         operation: str,
         api_key: str | None = None,
+        attempt: str = "",
     ) -> Deferred | None:
         """Describe what a request let through while storage was down should record later.
 
@@ -390,7 +415,7 @@ class Gate:
         if not amounts:
             return None
         customer = admission.customer or None
-        return Deferred(customer, None if customer else api_key, amounts, operation)
+        return Deferred(customer, None if customer else api_key, amounts, operation, attempt)
 
 
 class KeyCache:
