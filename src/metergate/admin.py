@@ -300,8 +300,9 @@ class AdminAPI:
         if isinstance(body, Response):
             return body
         cid, name = request.path_params["id"], request.path_params["name"]
+        key = request.headers.get("idempotency-key")
         rid, expires = await self.meter._drive(
-            self.meter.core.reserve(cid, name, body.amount, body.ttl_s)
+            self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
         )
         return _json({"id": rid, "expires_at": expires}, 201)
 

@@ -182,9 +182,17 @@ class Meter:
         """Resume a suspended balance."""
         return self._drive(self.core.balance_op(customer, name, "resume"))
 
-    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
-        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
-        return self._drive(self.core.reserve(customer, name, amount, ttl_s))[0]
+    def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id (once per
+        idempotency key)."""
+        return self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))[0]
 
     def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None
@@ -368,9 +376,19 @@ class AsyncMeter:
         """Resume a suspended balance."""
         return await self._drive(self.core.balance_op(customer, name, "resume"))
 
-    async def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
-        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
-        return (await self._drive(self.core.reserve(customer, name, amount, ttl_s)))[0]
+    async def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id (once per
+        idempotency key)."""
+        return (
+            await self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))
+        )[0]
 
     async def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None

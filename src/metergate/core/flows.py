@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import itertools
 import json
 import logging
@@ -151,8 +152,8 @@ class Entitlement:
         return window
 
 
-def _encode_rid(customer: str, balance: str) -> str:
-    raw = json.dumps([customer, balance, uuid.uuid4().hex[:16]], separators=(",", ":"))
+def _encode_rid(customer: str, balance: str, nonce: str | None = None) -> str:
+    raw = json.dumps([customer, balance, nonce or uuid.uuid4().hex[:16]], separators=(",", ":"))
     return "rsv_" + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -795,16 +796,40 @@ class MeterCore:
             check_amount(amount, "amount", positive=True)
         return (yield from self._balance_op(customer, name, op, amount, idempotency_key))
 
-    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> Flow[tuple[str, int]]:
-        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s)."""
+    def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> Flow[tuple[str, int]]:
+        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s).
+
+        With an idempotency key, the reservation id derives from it and the script decides
+        duplicates atomically: any number of concurrent retries make one reservation."""
         yield from self.bootstrap()
         check_amount(amount, "amount", positive=True)
         check_amount(ttl_s, "ttl_s", positive=True)
-        rid = _encode_rid(customer, name)
+        nonce = None
+        if idempotency_key:
+            nonce = hashlib.sha256(f"{customer}\x1f{idempotency_key}".encode()).hexdigest()[:16]
+        rid = _encode_rid(customer, name, nonce)
         expires_ms = int(self.clock() * 1000) + ttl_s * 1000
+        reply: list[str] = []
         yield from self._balance_op(
-            customer, name, "reserve", amount, rid=rid, expiry_ms=expires_ms
+            customer,
+            name,
+            "reserve",
+            amount,
+            idempotency_key,
+            rid=rid,
+            expiry_ms=expires_ms,
+            fingerprint=f"reserve:{name}:{amount}:{ttl_s}",
+            reply_out=reply,
         )
+        if len(reply) > 10:
+            expires_ms = int(reply[10])
         return rid, math.ceil(expires_ms / 1000)
 
     def close_reservation(
@@ -832,9 +857,14 @@ class MeterCore:
         expiry_ms: int = 0,
         extra: tuple[str, ...] = ("", "0", ""),
         op_id: str | None = None,
+        fingerprint: str | None = None,
+        reply_out: list[str] | None = None,
     ) -> Flow[BalanceState]:
         if op_id is None:
             op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
+        if fingerprint is None:
+            # every parameter: the same key on another reservation is a conflict, not a replay
+            fingerprint = f"{op}:{name}:{amount}:{rid}"
         bkey, bxkey = self.keys.balance(customer, name)
         reply = yield Script(
             "balance",
@@ -850,7 +880,7 @@ class MeterCore:
             (
                 str(int(self.clock() * 1000)),
                 op_id,
-                f"{op}:{name}:{amount}",
+                fingerprint,
                 str(KEYED_OP_TTL_S),
                 customer,
                 op,
@@ -862,6 +892,8 @@ class MeterCore:
             ),
         )
         status, slug = reply[0], reply[1]
+        if reply_out is not None:
+            reply_out[:] = reply
         if status == "404":
             yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             raise NotFound(f"balance '{name}' of customer '{customer}' does not exist")

@@ -9,7 +9,10 @@
 --       balance's settings alone; absent or '0' updates them) (11-14: create only).
 -- Amounts are integers of the balance's minor unit; `available = amount - held`.
 -- Reply: strings: status ('200', '402', '403', '404', '409'), problem slug, amount, held,
---   available, overage, suspended (0/1), unit, low_at ('' none), the amount the operation moved.
+--   available, overage, suspended (0/1), unit, low_at ('' none), the amount the operation moved,
+--   and for reserve the hold's expiry (epoch ms).
+-- The fingerprint covers every parameter (the caller includes the reservation id and ttl), so the
+-- same operation id with anything else is a 409 conflict, decided here, atomically.
 -- Malformed arguments get the error reply 'invalid <field>: <why>' before anything is written.
 
 local now, ttl, amount, expiry = int(ARGV[1]), int(ARGV[4]), int(ARGV[8]), int(ARGV[10])
@@ -145,5 +148,7 @@ local sflag = '0'
 if susp then sflag = '1' end
 local reply = {status, slug, fmt(amt), fmt(held), fmt(amt - held), fmt(ovg), sflag,
   redis.call('HGET', bkey, 'unit') or '', redis.call('HGET', bkey, 'low') or '', fmt(moved)}
+-- a reservation's expiry travels with its reply, so a replay returns the first one
+if op == 'reserve' then reply[#reply + 1] = fmt(expiry) end
 if status == '200' and op ~= 'read' and op ~= 'create' then remember(KEYS[1], fp, ttl, reply) end
 return reply
