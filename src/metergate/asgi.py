@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import logging
 import time
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from metergate.config import GatewayConfig
+from metergate.core import idempotency
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import (
     GATEWAY_ANSWER,
@@ -19,7 +21,9 @@ from metergate.core.http import (
     Answer,
     Gate,
     KeyCache,
+    problem,
     ratelimit_fields,
+    too_large,
 )
 from metergate.core.model import Decision
 from metergate.meter import AsyncMeter, ConfigSource, as_config
@@ -131,6 +135,14 @@ class MeteringMiddleware:
         if isinstance(planned, Answer):
             await _send_answer(send, planned)
             return
+        if planned.idempotency_key:
+            await self._keyed(scope, receive, send, planned)
+            return
+        await self._serve(scope, receive, send, planned)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> str:
+        """Admit, answer a refusal or forward; return `refused`, `unavailable`, `refunded` or
+        `served`."""
         started = time.perf_counter()
         # The attempt id names this admission before it is sent: if its reply is lost, a refund
         # by that id undoes it, or voids it should it reach storage later.
@@ -143,18 +155,22 @@ class MeteringMiddleware:
         except (StorageUnavailable, TimeoutError):
             STORAGE_ERRORS.inc()
             await self._storage_failed(scope, receive, send, planned, None, attempt, operation)
-            return
+            return "unavailable"
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             await _send_answer(send, self.gate.refusal(decision, self.clock()))
-            return
+            return "refused"
 
         ticket = decision.ticket
 
+        outcome = "served"
+
         async def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
+            nonlocal outcome
             if ticket is None:
                 return
             if refunded:
+                outcome = "refunded"
                 # the customer did not get what it paid for: undo the admission, holds too
                 await self._refund(ticket.customer, ticket.attempt, ticket.operation)
                 return
@@ -173,6 +189,119 @@ class MeteringMiddleware:
             read_headers=bool(planned.response_costs),
             refund_on=planned.route.refund_on,
         )
+        return outcome
+
+    async def _keyed(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> None:
+        """Serve a request carrying Idempotency-Key once: claim the key with the request's
+        fingerprint (the body read whole for its digest), replay a completed one, refuse a
+        conflict or a duplicate in flight, and store the response when it may be replayed."""
+        key = str(planned.idempotency_key)
+        limit = self.config.proxy.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_answer(send, too_large(limit))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        query = scope.get("query_string", b"").decode("latin-1")
+        fp = idempotency.fingerprint(
+            scope["method"],
+            scope["path"],
+            query,
+            {**planned.amounts, **planned.estimates},
+            hashlib.sha256(body).hexdigest(),
+        )
+        keys, customer = self.meter.core.keys, planned.customer
+        in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
+        try:
+            claim = await self.meter._drive(
+                idempotency.claim(keys, customer, key, fp, in_flight_ms)
+            )
+        except (StorageUnavailable, TimeoutError):
+            STORAGE_ERRORS.inc()
+            await _send_answer(send, self.gate.unavailable())
+            return
+        if claim.outcome == "replay" and claim.stored is not None:
+            stored = claim.stored
+            await _send_answer(
+                send,
+                Answer(
+                    stored.status,
+                    [
+                        *stored.headers,
+                        ("content-length", str(len(stored.body))),
+                        ("idempotent-replayed", "true"),
+                    ],
+                    stored.body,
+                ),
+            )
+            return
+        if claim.outcome != "proceed":
+            retry = [("retry-after", "1")] if claim.outcome == "idempotency-in-flight" else []
+            detail = (
+                "a request with this Idempotency-Key is still in flight"
+                if retry
+                else "this Idempotency-Key was used with a different request"
+            )
+            await _send_answer(send, problem(claim.outcome, 409, detail, retry))
+            return
+
+        sent = False
+
+        async def replayed() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        max_bytes = self.config.idempotency.max_response_bytes
+        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                captured["status"] = message["status"]
+                captured["headers"] = [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in message.get("headers", ())
+                ]
+            elif message["type"] == "http.response.body" and not captured["over"]:
+                captured["body"] += message.get("body", b"")
+                if len(captured["body"]) > max_bytes:
+                    captured["over"], captured["body"] = True, bytearray()
+            await send(message)
+
+        outcome = "unavailable"
+        try:
+            outcome = await self._serve(scope, replayed, capture, planned)
+        finally:
+            try:
+                if outcome == "served" and not captured["over"] and captured["status"]:
+                    flow = idempotency.complete(
+                        keys,
+                        customer,
+                        key,
+                        fp,
+                        captured["status"],
+                        captured["headers"],
+                        bytes(captured["body"]),
+                        self.config.idempotency.ttl,
+                    )
+                else:
+                    # refused, refunded, unavailable or too large: a retry is a new request
+                    flow = idempotency.release(keys, customer, key)
+                await self.meter._drive(flow)
+            except Exception:
+                logger.exception("metergate: could not record the outcome of Idempotency-Key")
 
     async def _refund(self, customer: str, attempt: str, operation: str) -> None:
         try:

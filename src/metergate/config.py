@@ -360,6 +360,15 @@ class StripeConfig(_Model):
     base_url: str = Field(default="https://api.stripe.com", pattern=r"^https?://")
 
 
+class IdempotencyConfig(_Model):
+    """How requests carrying `Idempotency-Key` are remembered and replayed."""
+
+    ttl: DurationMs = 86_400_000
+    """How long a completed request's response is replayed."""
+    max_response_bytes: Annotated[StrictInt, Field(ge=0)] = 1024 * 1024
+    """Responses with a larger body are not stored: a retry is forwarded and metered as new."""
+
+
 class AdminConfig(_Model):
     """The admin API."""
 
@@ -381,6 +390,7 @@ class GatewayConfig(_Model):
     usage_report_interval: DurationMs = 60_000
     admin: AdminConfig = AdminConfig()
     stripe: StripeConfig | None = None
+    idempotency: IdempotencyConfig = IdempotencyConfig()
 
 
 def hash_api_key(key: str) -> str:

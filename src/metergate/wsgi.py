@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import threading
 import time
@@ -12,8 +14,17 @@ from http import HTTPStatus
 from typing import Any
 
 from metergate.config import GatewayConfig
+from metergate.core import idempotency
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Gate, KeyCache, ratelimit_fields
+from metergate.core.http import (
+    Admission,
+    Answer,
+    Gate,
+    KeyCache,
+    problem,
+    ratelimit_fields,
+    too_large,
+)
 from metergate.core.model import Decision
 from metergate.meter import ConfigSource, Meter, as_config
 from metergate.observability import STORAGE_ERRORS, observe
@@ -200,6 +211,20 @@ class WSGIMeteringMiddleware:
         planned = self.gate.admission(customer, route, headers, environ)
         if isinstance(planned, Answer):
             return _answer(start_response, planned)
+        if planned.idempotency_key:
+            return self._keyed(environ, start_response, planned)
+        return self._serve(environ, start_response, planned, [])
+
+    def _serve(
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        planned: Admission,
+        outcome: list[str],
+    ) -> Iterable[bytes]:
+        """Admit, answer a refusal or forward; `outcome` gets `refused`, `unavailable`,
+        `refunded` or `served` (the last two when the response ends)."""
+        route = planned.route
         started = time.perf_counter()
         # Named before it is sent: if its reply is lost, a refund by this id undoes or voids it.
         attempt = self.meter.core.new_attempt()
@@ -208,21 +233,26 @@ class WSGIMeteringMiddleware:
             decision = self._admit(planned, attempt, operation)
         except StorageUnavailable:
             STORAGE_ERRORS.inc()
+            outcome.append("unavailable")
             return self._storage_failed(environ, start_response, planned, None, attempt, operation)
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
+            outcome.append("refused")
             return _answer(start_response, self.gate.refusal(decision, self.clock()))
 
         ticket = decision.ticket
         fields = ratelimit_fields(decision, self.clock())
         if ticket is None or not (ticket.estimated or ticket.leased or route.refund_on):
             # Nothing to settle or refund when the response is over: the body is the app's own.
+            outcome.append("served")
+
             def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
                 return start_response(status, [*headers, *fields], *args)
 
             return self.app(environ, start_with_fields)
 
         def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
+            outcome.append("refunded" if refunded else "served")
             if refunded:
                 # the customer did not get what it paid for: undo the admission, holds too
                 self._refund(ticket.customer, ticket.attempt, ticket.operation)
@@ -235,6 +265,115 @@ class WSGIMeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         return self._forward(environ, start_response, fields, settle, route.refund_on)
+
+    def _keyed(
+        self, environ: Environ, start_response: StartResponse, planned: Admission
+    ) -> Iterable[bytes]:
+        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
+        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
+        key = str(planned.idempotency_key)
+        limit = self.config.proxy.max_body_bytes
+        stream = environ.get("wsgi.input")
+        length = str(environ.get("CONTENT_LENGTH") or "")
+        if length.isdigit() and int(length) > limit:
+            return _answer(start_response, too_large(limit))
+        if stream is None:
+            data = b""
+        elif length.isdigit():
+            data = stream.read(int(length))
+        elif environ.get("wsgi.input_terminated"):
+            data = stream.read(limit + 1)
+        else:
+            data = b""
+        if len(data) > limit:
+            return _answer(start_response, too_large(limit))
+        environ["wsgi.input"] = io.BytesIO(data)
+        environ["CONTENT_LENGTH"] = str(len(data))
+        fp = idempotency.fingerprint(
+            environ.get("REQUEST_METHOD", "GET"),
+            _path(environ),
+            environ.get("QUERY_STRING", ""),
+            {**planned.amounts, **planned.estimates},
+            hashlib.sha256(data).hexdigest(),
+        )
+        keys, customer = self.meter.core.keys, planned.customer
+        in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
+        try:
+            claim = self.meter._drive(idempotency.claim(keys, customer, key, fp, in_flight_ms))
+        except StorageUnavailable:
+            STORAGE_ERRORS.inc()
+            return _answer(start_response, self.gate.unavailable())
+        if claim.outcome == "replay" and claim.stored is not None:
+            stored = claim.stored
+            headers = [
+                *stored.headers,
+                ("content-length", str(len(stored.body))),
+                ("idempotent-replayed", "true"),
+            ]
+            return _answer(start_response, Answer(stored.status, headers, stored.body))
+        if claim.outcome != "proceed":
+            retry = [("retry-after", "1")] if claim.outcome == "idempotency-in-flight" else []
+            detail = (
+                "a request with this Idempotency-Key is still in flight"
+                if retry
+                else "this Idempotency-Key was used with a different request"
+            )
+            return _answer(start_response, problem(claim.outcome, 409, detail, retry))
+
+        max_bytes = self.config.idempotency.max_response_bytes
+        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+
+        def capture_start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            code = status[:3]
+            captured["status"] = int(code) if code.isdigit() else 500
+            captured["headers"] = list(headers)
+            return start_response(status, headers, *args)
+
+        outcome: list[str] = []
+
+        def finish() -> None:
+            try:
+                if outcome[:1] == ["served"] and not captured["over"] and captured["status"]:
+                    flow = idempotency.complete(
+                        keys,
+                        customer,
+                        key,
+                        fp,
+                        captured["status"],
+                        captured["headers"],
+                        bytes(captured["body"]),
+                        self.config.idempotency.ttl,
+                    )
+                else:
+                    # refused, refunded, unavailable or too large: a retry is a new request
+                    flow = idempotency.release(keys, customer, key)
+                self.meter._drive(flow)
+            except Exception:
+                logger.exception("metergate: could not record the outcome of Idempotency-Key")
+
+        try:
+            result = self._serve(environ, capture_start, planned, outcome)
+        except BaseException:
+            finish()
+            raise
+
+        def body() -> Iterator[bytes]:
+            try:
+                for chunk in result:
+                    if not captured["over"]:
+                        captured["body"] += chunk
+                        if len(captured["body"]) > max_bytes:
+                            captured["over"], captured["body"] = True, bytearray()
+                    yield chunk
+            finally:
+                close = getattr(result, "close", None)
+                try:
+                    if close is not None:
+                        close()
+                finally:
+                    finish()
+
+        return body()
 
     def _refund(self, customer: str, attempt: str, operation: str) -> None:
         try:

@@ -32,6 +32,7 @@ __all__ = [
     "problem",
     "ratelimit_fields",
     "refund_statuses",
+    "too_large",
 ]
 
 TITLES = {
@@ -44,6 +45,7 @@ TITLES = {
     "rate-limited": "Rate limited",
     "metering-unavailable": "Metering unavailable",
     "idempotency-conflict": "Idempotency conflict",
+    "idempotency-in-flight": "Idempotency key in flight",
     "body-too-large": "Body too large",
     "not-metered": "Not metered",
     "invalid-request": "Invalid request",
@@ -203,6 +205,11 @@ def problem(
         ],
         data,
     )
+
+
+def too_large(limit: int) -> Answer:
+    """Build the 413 answer for a request body over `limit` bytes."""
+    return problem("body-too-large", 413, f"the request body exceeds {limit} bytes")
 
 
 @functools.lru_cache(maxsize=4096)
