@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
@@ -30,6 +31,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
 Positive = Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)]
 IDEMPOTENCY_TTL_S = 86_400
+
+logger = logging.getLogger("metergate")
 
 
 class _Body(BaseModel):
@@ -139,11 +142,10 @@ class AdminAPI:
                     "a valid admin bearer token is required",
                 )
             key = request.headers.get("idempotency-key") if mutation else None
-            if key:
-                replay = await self._replay(request, key)
+            try:
+                replay = await self._replay(request, key) if key else None
                 if replay is not None:
                     return replay
-            try:
                 response = await handler(request)
             except InvalidAmount as exc:
                 response = _invalid([{"field": exc.field, "message": exc.message}])
@@ -153,8 +155,15 @@ class AdminAPI:
                 response = _answer(exc.slug, exc.status, exc.message)
             except StorageUnavailable:
                 response = _answer("metering-unavailable", 503, "storage is unavailable")
+            except Exception:
+                # the outcome is unknown to the caller: a retry with the same key is safe
+                logger.exception("metergate: admin %s %s failed", request.method, request.url.path)
+                response = _answer("internal-error", 500, "the operation failed; retry it")
             if key and 200 <= response.status_code < 300:
-                await self._remember(request, key, response)
+                # the operation itself is idempotent in its script: a failure to remember the
+                # response only means a retry runs it again, to the same result
+                with contextlib.suppress(StorageUnavailable):
+                    await self._remember(request, key, response)
             return response
 
         return endpoint

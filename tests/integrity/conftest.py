@@ -146,7 +146,7 @@ def serve(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
                 "--admin-port",
                 str(admin_port),
             ],
-            env={**os.environ},
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
