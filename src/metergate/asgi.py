@@ -147,7 +147,10 @@ class MeteringMiddleware:
         # The attempt id names this admission before it is sent: if its reply is lost, a refund
         # by that id undoes it, or voids it should it reach storage later.
         attempt = self.meter.core.new_attempt()
-        operation = f"h:{planned.idempotency_key}" if planned.idempotency_key else ""
+        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
+        # admission itself keeps no operation record, so a retry the claim lets through (after
+        # a refund, or a response too large to store) is metered as new.
+        operation = ""
         try:
             # Every storage call is bounded by `storage.timeout_ms` on its own (the pipelined
             # connection's timer, the client's socket timeout), so no timer wraps the whole.

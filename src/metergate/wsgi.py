@@ -228,7 +228,10 @@ class WSGIMeteringMiddleware:
         started = time.perf_counter()
         # Named before it is sent: if its reply is lost, a refund by this id undoes or voids it.
         attempt = self.meter.core.new_attempt()
-        operation = f"h:{planned.idempotency_key}" if planned.idempotency_key else ""
+        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
+        # admission itself keeps no operation record, so a retry the claim lets through (after
+        # a refund, or a response too large to store) is metered as new.
+        operation = ""
         try:
             decision = self._admit(planned, attempt, operation)
         except StorageUnavailable:

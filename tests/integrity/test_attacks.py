@@ -170,3 +170,22 @@ def test_customer_and_operator_keys_never_collide(
         assert topup.status_code == 200
         assert httpx.get(f"{gw.proxy}/v1/b", headers={**auth(), **key}).status_code == 200
         assert books(gw, "c") == (2, 198, 0, 198)
+
+
+def test_a_response_too_large_to_store_is_metered_again(
+    tmp_path: Path, upstream: tuple[str, Upstream], redis_server: RedisProcess
+) -> None:
+    """A keyed request whose response was over idempotency.max_response_bytes is forwarded and
+    charged again when retried; one that fits is replayed free."""
+    redis_server.client().flushall()
+    url, app = upstream
+    config = gateway_config(url, redis_server.url, {"c": 100})
+    config["idempotency"] = {"max_response_bytes": 10}
+    with serve(tmp_path, config) as gw:
+        headers = {**auth(), "idempotency-key": "big"}
+        for _ in range(2):
+            response = httpx.get(f"{gw.proxy}/v1/big", headers=headers, timeout=10)
+            assert response.status_code == 200
+            assert "idempotent-replayed" not in response.headers
+        assert app.hits == ["/v1/big", "/v1/big"]
+        assert books(gw, "c") == (2, 98, 0, 98)
