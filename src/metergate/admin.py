@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from metergate.core.flows import Command
 from metergate.core.http import problem
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import REGISTRY
+from metergate.recovery import Recovery
 
 __all__ = ["admin_app"]
 
@@ -120,6 +122,8 @@ class AdminAPI:
     def __init__(self, meter: AsyncMeter, token: str | None) -> None:
         self.meter = meter
         self.token = token
+        # reservations whose reply was lost are cancelled in the background (see reserve)
+        self.recovery = Recovery(meter)
 
     def authorized(self, request: Request) -> bool:
         """Check the bearer token in constant time."""
@@ -309,10 +313,18 @@ class AdminAPI:
         if isinstance(body, Response):
             return body
         cid, name = request.path_params["id"], request.path_params["name"]
-        key = request.headers.get("idempotency-key")
-        rid, expires = await self.meter._drive(
-            self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
-        )
+        given = request.headers.get("idempotency-key")
+        # Without a key of the caller's, one of ours: if the reply is lost, the reservation
+        # (made, or still on its way) is cancelled by it, so a 503 never leaves a hold behind.
+        key = given or f"auto:{uuid.uuid4().hex}"
+        try:
+            rid, expires = await self.meter._drive(
+                self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
+            )
+        except StorageUnavailable:
+            if not given:
+                self.recovery.cancel(cid, name, key)
+            raise
         return _json({"id": rid, "expires_at": expires}, 201)
 
     async def close_reservation(self, request: Request) -> Response:
@@ -563,6 +575,7 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         if owned:
             api.meter.reopen()
         yield
+        await api.recovery.close(5.0)
         if owned:  # a meter handed in belongs to the caller, who closes it
             await api.meter.aclose()
 

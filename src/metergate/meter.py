@@ -194,6 +194,11 @@ class Meter:
         idempotency key)."""
         return self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))[0]
 
+    def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> str:
+        """Undo a keyed reservation whose reply was lost: release its hold, or void it if it has
+        not arrived yet ('voided', 'released' or 'closed')."""
+        return self._drive(self.core.cancel_reservation(customer, name, idempotency_key))
+
     def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None
     ) -> BalanceState:
@@ -389,6 +394,11 @@ class AsyncMeter:
         return (
             await self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))
         )[0]
+
+    async def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> str:
+        """Undo a keyed reservation whose reply was lost: release its hold, or void it if it has
+        not arrived yet ('voided', 'released' or 'closed')."""
+        return await self._drive(self.core.cancel_reservation(customer, name, idempotency_key))
 
     async def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None

@@ -22,7 +22,7 @@ from metergate.core.http import Deferred
 from metergate.meter import AsyncMeter, Meter
 from metergate.observability import ADMISSIONS_UNKNOWN
 
-__all__ = ["Recovery", "Refund", "ThreadRecovery"]
+__all__ = ["Cancel", "Recovery", "Refund", "ThreadRecovery"]
 
 logger = logging.getLogger("metergate")
 
@@ -42,12 +42,22 @@ class Refund:
     since: float
 
 
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Undo (or void) the reservation made with `key` on a balance, whose reply was lost."""
+
+    customer: str
+    balance: str
+    key: str
+    since: float
+
+
 class Recovery:
     """A bounded queue of refunds and deferred requests, drained in order by one task."""
 
     def __init__(self, meter: AsyncMeter, size: int = BUFFER) -> None:
         self.meter = meter
-        self.jobs: deque[Refund | Deferred] = deque()
+        self.jobs: deque[Refund | Deferred | Cancel] = deque()
         self.size = size
         self._task: asyncio.Task[None] | None = None
 
@@ -62,7 +72,11 @@ class Recovery:
         """Queue a request let through unmetered; it is recorded as soon as storage answers."""
         self._add(item)
 
-    def _add(self, job: Refund | Deferred) -> None:
+    def cancel(self, customer: str, balance: str, key: str) -> None:
+        """Queue the cancellation of a reservation whose reply was lost."""
+        self._add(Cancel(customer, balance, key, time.monotonic()))
+
+    def _add(self, job: Refund | Deferred | Cancel) -> None:
         if len(self.jobs) >= self.size:
             dropped = self.jobs.popleft()
             if isinstance(dropped, Refund):
@@ -86,7 +100,7 @@ class Recovery:
             try:
                 await self._run(job)
             except (StorageUnavailable, TimeoutError):
-                if isinstance(job, Refund) and time.monotonic() - job.since > GIVE_UP_S:
+                if isinstance(job, Refund | Cancel) and time.monotonic() - job.since > GIVE_UP_S:
                     self._unknown(self.jobs.popleft())
                     continue
                 await asyncio.sleep(backoff)
@@ -99,9 +113,12 @@ class Recovery:
             backoff = FIRST_BACKOFF_S
             self.jobs.popleft()
 
-    async def _run(self, job: Refund | Deferred) -> None:
+    async def _run(self, job: Refund | Deferred | Cancel) -> None:
         if isinstance(job, Refund):
             await self.meter.refund(job.customer, job.attempt, job.operation)
+            return
+        if isinstance(job, Cancel):
+            await self.meter.cancel_reservation(job.customer, job.balance, job.key)
             return
         customer = job.customer
         if customer is None and job.api_key is not None:
@@ -118,13 +135,19 @@ class Recovery:
                 decision.problem,
             )
 
-    def _unknown(self, job: Refund | Deferred) -> None:
+    def _unknown(self, job: Refund | Deferred | Cancel) -> None:
         if isinstance(job, Refund):
             ADMISSIONS_UNKNOWN.inc()
             logger.error(
                 "metergate: the admission %s of customer %r could not be refunded (storage "
                 "unreachable); it may stay charged",
                 job.attempt,
+                job.customer,
+            )
+        elif isinstance(job, Cancel):
+            logger.error(
+                "metergate: a reservation of %r whose reply was lost could not be cancelled; its "
+                "hold lasts until it expires",
                 job.customer,
             )
         else:

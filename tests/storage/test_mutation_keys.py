@@ -64,3 +64,18 @@ def test_topup_and_withdraw_keys_cover_the_operation(make_meter: MakeMeter) -> N
         with pytest.raises(Conflict):
             call()
     assert meter.balance("c", "credits").amount == 105
+
+
+def test_cancel_releases_a_reservation_or_voids_a_late_one(make_meter: MakeMeter) -> None:
+    """Cancelling a reservation whose reply was lost releases its hold; cancelling before it
+    arrives makes the late reservation a conflict that holds nothing; twice is harmless."""
+    meter = make_meter(config())
+    meter.reserve("c", "credits", 7, 60, idempotency_key="lost-1")
+    assert meter.cancel_reservation("c", "credits", "lost-1") == "released"
+    assert meter.cancel_reservation("c", "credits", "lost-1") == "closed"
+    assert meter.balance("c", "credits").held == 0
+    assert meter.cancel_reservation("c", "credits", "lost-2") == "voided"
+    with pytest.raises(Conflict):
+        meter.reserve("c", "credits", 7, 60, idempotency_key="lost-2")
+    assert meter.balance("c", "credits").held == 0
+    assert meter.balance("c", "credits").amount == 100

@@ -811,10 +811,7 @@ class MeterCore:
         yield from self.bootstrap()
         check_amount(amount, "amount", positive=True)
         check_amount(ttl_s, "ttl_s", positive=True)
-        nonce = None
-        if idempotency_key:
-            nonce = hashlib.sha256(f"{customer}\x1f{idempotency_key}".encode()).hexdigest()[:16]
-        rid = _encode_rid(customer, name, nonce)
+        rid = self.reservation_id(customer, name, idempotency_key)
         expires_ms = int(self.clock() * 1000) + ttl_s * 1000
         reply: list[str] = []
         yield from self._balance_op(
@@ -831,6 +828,35 @@ class MeterCore:
         if len(reply) > 10:
             expires_ms = int(reply[10])
         return rid, math.ceil(expires_ms / 1000)
+
+    def reservation_id(self, customer: str, name: str, idempotency_key: str | None) -> str:
+        """Return the id of a reservation: derived from its idempotency key, else random."""
+        nonce = None
+        if idempotency_key:
+            nonce = hashlib.sha256(f"{customer}\x1f{idempotency_key}".encode()).hexdigest()[:16]
+        return _encode_rid(customer, name, nonce)
+
+    def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> Flow[str]:
+        """Undo the reservation made (or still on its way) with `idempotency_key` whose reply was
+        lost: release its hold, or void it if it has not arrived. Returns 'voided', 'released'
+        or 'closed' (it was committed, released or expired meanwhile)."""
+        yield from self.bootstrap()
+        rid = self.reservation_id(customer, name, idempotency_key)
+        reply: list[str] = []
+        try:
+            yield from self._balance_op(
+                customer,
+                name,
+                "cancel",
+                0,
+                idempotency_key,
+                rid=rid,
+                fingerprint="cancel",
+                reply_out=reply,
+            )
+        except Conflict:
+            return "closed"
+        return "voided" if reply[1] == "voided" else "released"
 
     def close_reservation(
         self, rid: str, op: str, amount: int = 0, idempotency_key: str | None = None
