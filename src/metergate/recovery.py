@@ -18,7 +18,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from metergate.core.errors import StorageUnavailable
+from metergate.core.flows import ALREADY_APPLIED
 from metergate.core.http import Deferred
+from metergate.core.model import Decision, Ticket
 from metergate.meter import AsyncMeter, Meter
 from metergate.observability import ADMISSIONS_UNKNOWN
 
@@ -50,6 +52,22 @@ class Cancel:
     balance: str
     key: str
     since: float
+
+
+def _late_hold(decision: Decision, job: Deferred) -> Ticket | None:
+    """The hold a late admission left for the response-priced metrics, to settle with the
+    actual units (None when the deferred record was itself the admission)."""
+    ticket = decision.ticket
+    if decision.detail != ALREADY_APPLIED or ticket is None or not job.actuals:
+        return None
+    return Ticket(
+        ticket.customer,
+        ticket.plan,
+        ticket.hold_id,
+        dict(job.actuals),
+        {},
+        attempt=ticket.attempt,
+    )
 
 
 class Recovery:
@@ -128,6 +146,9 @@ class Recovery:
         decision = await self.meter.admit(
             customer, job.amounts, job.operation, attempt=job.attempt or None
         )
+        late = _late_hold(decision, job)
+        if late is not None:
+            await self.meter.settle(late, job.actuals)
         if not decision.allowed:
             logger.warning(
                 "metergate: a request let through while storage was down was refused "
@@ -242,6 +263,9 @@ class ThreadRecovery:
         decision = self.meter.admit(
             customer, job.amounts, job.operation, attempt=job.attempt or None
         )
+        late = _late_hold(decision, job)
+        if late is not None:
+            self.meter.settle(late, job.actuals)
         if not decision.allowed:
             logger.warning(
                 "metergate: a request let through while storage was down was refused "

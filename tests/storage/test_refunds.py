@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tests.storage.credits import config
 
 from metergate import Meter
+from metergate.core.flows import ALREADY_APPLIED
+from metergate.core.http import Deferred
+from metergate.recovery import ThreadRecovery
 
 MakeMeter = Callable[..., Meter]
 
@@ -122,3 +126,29 @@ def test_refund_ends_an_updown_lease(make_meter: MakeMeter) -> None:
     meter.refund("c", decision.ticket.attempt)
     assert meter.usage("c", "conc")["value"] == 0
     assert state(meter) == (0, 0, 100, 0)
+
+
+def test_a_late_estimate_is_settled_by_its_deferred_record(make_meter: MakeMeter) -> None:
+    """Open mode: when the response-priced admission whose reply was lost did arrive, the deferred
+    record settles its hold with the actual units instead of charging a second time."""
+    meter = make_meter(config())
+    attempt = meter.core.new_attempt()
+    assert meter.admit("c", {}, estimates={"calls": 10}, attempt=attempt).allowed  # arrived late
+    recovery = ThreadRecovery(meter)
+    recovery.record(Deferred("c", None, {"calls": 4}, "degraded-1", attempt, {"calls": 4}))
+    while len(recovery):
+        time.sleep(0.01)
+    assert state(meter) == (4, 0, 96, 0)
+    assert ledger_sum(meter) == 96
+
+
+def test_a_deferred_record_is_the_charge_when_nothing_arrived(make_meter: MakeMeter) -> None:
+    """Open mode: when the lost admission never arrived, the deferred record is its one charge."""
+    meter = make_meter(config())
+    recovery = ThreadRecovery(meter)
+    attempt = meter.core.new_attempt()
+    recovery.record(Deferred("c", None, {"calls": 4}, "degraded-2", attempt, {"calls": 4}))
+    while len(recovery):
+        time.sleep(0.01)
+    assert meter.admit("c", {"calls": 4}, attempt=attempt).detail == ALREADY_APPLIED
+    assert state(meter) == (4, 0, 96, 0)

@@ -35,6 +35,7 @@ from metergate.core.plans import CompiledAsset, compile_plans
 from metergate.periods import period_window
 
 __all__ = [
+    "ALREADY_APPLIED",
     "LOST_DATA",
     "Batch",
     "Command",
@@ -79,6 +80,7 @@ Flow = Generator[Script | Command | Batch, Any, T]
 KEYED_OP_TTL_S = 86_400
 AUTO_OP_TTL_S = 600
 LEDGER_LIMIT = 10_000
+ALREADY_APPLIED = "this attempt was already applied"
 
 
 def check_amount(value: object, field: str, *, signed: bool = False, positive: bool = False) -> int:
@@ -639,13 +641,13 @@ class MeterCore:
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
                 continue
-            if reply[0] in ("void", "dup"):
-                # this attempt was refunded before it arrived, or was already applied
-                allowed = reply[0] == "dup"
-                status = 200 if allowed else 503
-                return Decision(
-                    allowed, status, None if allowed else "metering-unavailable", customer
-                )
+            if reply[0] == "void":  # this attempt was refunded before it arrived
+                return Decision(False, 503, "metering-unavailable", customer)
+            if reply[0] == "dup":
+                # this attempt was already applied (its reply was lost): its ticket settles it
+                rid = str(reply[1]) if len(reply) > 1 and reply[1] else hold_id
+                done = Ticket(customer, plan_name or ent.plan, rid, {}, {}, attempt=attempt)
+                return Decision(True, 200, None, customer, detail=ALREADY_APPLIED, ticket=done)
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))

@@ -286,6 +286,8 @@ class Deferred:
     attempt: str = ""
     """The attempt id of the admission that timed out: recorded under it, it counts once even
     when that admission arrived late."""
+    actuals: dict[str, int] = field(default_factory=dict)
+    """The response-priced metrics' actual units: they settle the late admission's hold."""
 
 
 class Gate:
@@ -412,7 +414,8 @@ class Gate:
         Response-priced metrics count what the response said (or the reserve). UpDownCounter
         units are left out: the request is over by the time they could be recorded.
         """
-        amounts = {**admission.amounts, **self.actuals(admission, response_headers)}
+        actuals = self.actuals(admission, response_headers)
+        amounts = {**admission.amounts, **actuals}
         metrics = self.config.metrics
         amounts = {
             m: v
@@ -422,7 +425,9 @@ class Gate:
         if not amounts:
             return None
         customer = admission.customer or None
-        return Deferred(customer, None if customer else api_key, amounts, operation, attempt)
+        return Deferred(
+            customer, None if customer else api_key, amounts, operation, attempt, actuals
+        )
 
 
 class KeyCache:

@@ -25,8 +25,8 @@
 --   version changed), problem slug, retry-after ms (-1 none), index of the refused asset (0 none),
 --   n, per asset: value, pending, level index, tier index, overage, throttle remaining (-1 none),
 --   suspended (0/1); then m, per balance: available, amount, held.
---   {'void'} when a refund of this attempt came first (its client was answered 503); {'dup'}
---   when this attempt was already applied (a degraded request recorded twice).
+--   {'void'} when a refund of this attempt came first (its client was answered 503); {'dup',
+--   hold id} when this attempt was already applied (a degraded request recorded twice).
 -- Undo record (see refund.lua), fields joined by \31: 'done', hold id, usage window start,
 --   n, per asset: metric, type, mode, period start, units added, overage added, credits
 --   charged, tiers whose base it charged (comma-separated), units held or leased; then m, per
@@ -55,7 +55,8 @@ if attempt ~= '' and undo_key then
   local rec = redis.call('GET', undo_key)
   if rec then
     if string.sub(rec, 1, 4) == 'void' then return {'void'} end
-    return {'dup'}
+    -- the hold id the attempt was applied under, for settling what it left open
+    return {'dup', split(rec)[2] or ''}
   end
 end
 
