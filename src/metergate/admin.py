@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
@@ -25,6 +27,7 @@ from metergate.core.jsonread import JSONRefused, canonical, read_json
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import REGISTRY, WEBHOOK_BACKLOG
 from metergate.openapi import build_document
+from metergate.recovery import Recovery
 from metergate.ui import dashboard_app
 
 __all__ = ["admin_app"]
@@ -34,6 +37,8 @@ Amount = Annotated[StrictInt, Field(ge=0, le=MAX_SAFE_INT)]
 Positive = Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)]
 IDEMPOTENCY_TTL_S = 86_400
 CHALLENGE = 'Bearer realm="metergate-admin"'
+
+logger = logging.getLogger("metergate")
 
 
 class _Body(BaseModel):
@@ -119,6 +124,8 @@ class AdminAPI:
     def __init__(self, meter: AsyncMeter, token: str | None) -> None:
         self.meter = meter
         self.token = token
+        # reservations whose reply was lost are cancelled in the background (see reserve)
+        self.recovery = Recovery(meter)
 
     def authorized(self, request: Request) -> bool:
         """Check the bearer token in constant time."""
@@ -140,11 +147,10 @@ class AdminAPI:
                 response.headers["www-authenticate"] = CHALLENGE
                 return response
             key = request.headers.get("idempotency-key") if mutation else None
-            if key:
-                replay = await self._replay(request, key)
+            try:
+                replay = await self._replay(request, key) if key else None
                 if replay is not None:
                     return replay
-            try:
                 response = await handler(request)
             except InvalidAmount as exc:
                 response = _invalid([{"field": exc.field, "message": exc.message}])
@@ -154,8 +160,15 @@ class AdminAPI:
                 response = _answer(exc.slug, exc.status, exc.message)
             except StorageUnavailable:
                 response = _answer("metering-unavailable", 503, "storage is unavailable")
+            except Exception:
+                # the outcome is unknown to the caller: a retry with the same key is safe
+                logger.exception("metergate: admin %s %s failed", request.method, request.url.path)
+                response = _answer("internal-error", 500, "the operation failed; retry it")
             if key and 200 <= response.status_code < 300:
-                await self._remember(request, key, response)
+                # the operation itself is idempotent in its script: a failure to remember the
+                # response only means a retry runs it again, to the same result
+                with contextlib.suppress(StorageUnavailable):
+                    await self._remember(request, key, response)
             return response
 
         return endpoint
@@ -319,9 +332,18 @@ class AdminAPI:
         if isinstance(body, Response):
             return body
         cid, name = request.path_params["id"], request.path_params["name"]
-        rid, expires = await self.meter._drive(
-            self.meter.core.reserve(cid, name, body.amount, body.ttl_s)
-        )
+        given = request.headers.get("idempotency-key")
+        # Without a key of the caller's, one of ours: if the reply is lost, the reservation
+        # (made, or still on its way) is cancelled by it, so a 503 never leaves a hold behind.
+        key = given or f"auto:{uuid.uuid4().hex}"
+        try:
+            rid, expires = await self.meter._drive(
+                self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
+            )
+        except StorageUnavailable:
+            if not given:
+                self.recovery.cancel(cid, name, key)
+            raise
         return _json({"id": rid, "expires_at": expires}, 201)
 
     async def close_reservation(self, request: Request) -> Response:
@@ -543,6 +565,7 @@ def admin_app(config: ConfigSource, *, meter: AsyncMeter | None = None) -> Starl
         if owned:
             api.meter.reopen()
         yield
+        await api.recovery.close(5.0)
         if owned:  # a meter handed in belongs to the caller, who closes it
             await api.meter.aclose()
 

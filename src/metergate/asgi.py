@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import hashlib
 import inspect
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from metergate.bodytap import AsgiResponseTap, read_reserves_asgi
 from metergate.config import GatewayConfig
+from metergate.core import idempotency
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
+from metergate.core.http import (
+    GATEWAY_ANSWER,
+    Admission,
+    Answer,
+    Gate,
+    KeyCache,
+    problem,
+    ratelimit_fields,
+    too_large,
+)
 from metergate.core.model import Decision
 from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.meter import AsyncMeter, ConfigSource, as_config
 from metergate.observability import STORAGE_ERRORS, observe
+from metergate.recovery import Recovery
 
 __all__ = ["MeteringMiddleware"]
 
@@ -32,9 +42,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Identify = Callable[[Scope], "str | Awaitable[str | None] | None"]
-OnEnd = Callable[[Mapping[str, str]], Awaitable[None]]
+OnEnd = Callable[[Mapping[str, str], bool], Awaitable[None]]
 
-DEGRADED_BUFFER = 100_000
 SHUTDOWN_DRAIN_S = 5.0
 DEGRADED = [("metergate-degraded", "?1")]
 
@@ -83,10 +92,9 @@ class MeteringMiddleware:
         self.timeout_s = None if embedded else self.config.storage.timeout_ms / 1000
         self._keys = KeyCache(self.meter.core.revocations)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
-        # Requests let through while storage was down (`on_failure: open`), recorded when it is
-        # back.
-        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
-        self._drain_task: asyncio.Task[None] | None = None
+        # Refunds of admissions whose reply was lost, and requests let through while storage was
+        # down (`on_failure: open`): a background task runs them as soon as storage answers.
+        self.recovery = Recovery(self.meter)
         # Settlements that outlive their request (client gone, task cancelled) are kept here so
         # the event loop does not drop them half-way.
         self._settling: set[asyncio.Future[None]] = set()
@@ -140,26 +148,48 @@ class MeteringMiddleware:
         if isinstance(planned, Answer):
             await _send_answer(send, planned)
             return
+        if planned.idempotency_key:
+            await self._keyed(scope, receive, send, planned)
+            return
+        await self._serve(scope, receive, send, planned)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> str:
+        """Admit, answer a refusal or forward; return `refused`, `unavailable`, `refunded` or
+        `served`."""
         started = time.perf_counter()
+        # The attempt id names this admission before it is sent: if its reply is lost, a refund
+        # by that id undoes it, or voids it should it reach storage later.
+        attempt = self.meter.core.new_attempt()
+        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
+        # admission itself keeps no operation record, so a retry the claim lets through (after
+        # a refund, or a response too large to store) is metered as new.
+        operation = ""
         try:
             # Every storage call is bounded by `storage.timeout_ms` on its own (the pipelined
             # connection's timer, the client's socket timeout), so no timer wraps the whole.
-            decision = await self._admit(planned)
+            decision = await self._admit(planned, attempt, operation)
         except (StorageUnavailable, TimeoutError):
             STORAGE_ERRORS.inc()
-            await self._storage_failed(scope, receive, send, planned, None)
-            return
+            await self._storage_failed(scope, receive, send, planned, None, attempt, operation)
+            return "unavailable"
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
             await _send_answer(send, self.gate.refusal(decision, self.clock()))
-            return
-        self._start_drain()
+            return "refused"
 
         ticket = decision.ticket
-        tap = AsgiResponseTap(route) if route.body_costs else None
+        tap = AsgiResponseTap(planned.route) if planned.route.body_costs else None
 
-        async def settle(response_headers: Mapping[str, str]) -> None:
+        outcome = "served"
+
+        async def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
+            nonlocal outcome
             if ticket is None:
+                return
+            if refunded:
+                outcome = "refunded"
+                # the customer did not get what it paid for: undo the admission, holds too
+                await self._refund(ticket.customer, ticket.attempt, ticket.operation)
                 return
             # After a disconnect, what the body reported so far (a complete event), else the
             # reserve.
@@ -170,20 +200,152 @@ class MeteringMiddleware:
                 logger.exception("metergate: settlement failed; the hold will expire")
 
         fields = ratelimit_fields(decision, self.clock())
-        scope["metergate.customer"] = customer  # the proxy caps upstream connections per customer
+        scope["metergate.customer"] = (
+            planned.customer
+        )  # the proxy caps upstream connections per customer
         await self._forward(
-            scope, receive, send, fields, settle, read_headers=ticket is not None, tap=tap
+            scope,
+            receive,
+            send,
+            fields,
+            settle,
+            read_headers=bool(planned.response_costs),
+            refund_on=planned.route.refund_on,
+            tap=tap,
         )
+        return outcome
 
-    async def _admit(self, planned: Admission) -> Decision:
+    async def _keyed(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> None:
+        """Serve a request carrying Idempotency-Key once: claim the key with the request's
+        fingerprint (the body read whole for its digest), replay a completed one, refuse a
+        conflict or a duplicate in flight, and store the response when it may be replayed."""
+        key = str(planned.idempotency_key)
+        limit = self.config.proxy.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_answer(send, too_large(limit))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        query = scope.get("query_string", b"").decode("latin-1")
+        fp = idempotency.fingerprint(
+            scope["method"],
+            scope["path"],
+            query,
+            {**planned.amounts, **planned.estimates},
+            hashlib.sha256(body).hexdigest(),
+        )
+        keys, customer = self.meter.core.keys, planned.customer
+        in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
+        try:
+            claim = await self.meter._drive(
+                idempotency.claim(keys, customer, key, fp, in_flight_ms)
+            )
+        except (StorageUnavailable, TimeoutError):
+            STORAGE_ERRORS.inc()
+            await _send_answer(send, self.gate.unavailable())
+            return
+        if claim.outcome == "replay" and claim.stored is not None:
+            stored = claim.stored
+            await _send_answer(
+                send,
+                Answer(
+                    stored.status,
+                    [
+                        *stored.headers,
+                        ("content-length", str(len(stored.body))),
+                        ("idempotent-replayed", "true"),
+                    ],
+                    stored.body,
+                ),
+            )
+            return
+        if claim.outcome != "proceed":
+            retry = [("retry-after", "1")] if claim.outcome == "idempotency-in-flight" else []
+            detail = (
+                "a request with this Idempotency-Key is still in flight"
+                if retry
+                else "this Idempotency-Key was used with a different request"
+            )
+            await _send_answer(send, problem(claim.outcome, 409, detail, retry))
+            return
+
+        sent = False
+
+        async def replayed() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        max_bytes = self.config.idempotency.max_response_bytes
+        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                captured["status"] = message["status"]
+                captured["headers"] = [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in message.get("headers", ())
+                ]
+            elif message["type"] == "http.response.body" and not captured["over"]:
+                captured["body"] += message.get("body", b"")
+                if len(captured["body"]) > max_bytes:
+                    captured["over"], captured["body"] = True, bytearray()
+            await send(message)
+
+        outcome = "unavailable"
+        try:
+            outcome = await self._serve(scope, replayed, capture, planned)
+        finally:
+            try:
+                if outcome == "served" and not captured["over"] and captured["status"]:
+                    flow = idempotency.complete(
+                        keys,
+                        customer,
+                        key,
+                        fp,
+                        captured["status"],
+                        captured["headers"],
+                        bytes(captured["body"]),
+                        self.config.idempotency.ttl,
+                    )
+                else:
+                    # refused, refunded, unavailable or too large: a retry is a new request
+                    flow = idempotency.release(keys, customer, key)
+                await self.meter._drive(flow)
+            except Exception:
+                logger.exception("metergate: could not record the outcome of Idempotency-Key")
+
+    async def _refund(self, customer: str, attempt: str, operation: str) -> None:
+        try:
+            await self.meter.refund(customer, attempt, operation)
+        except (StorageUnavailable, TimeoutError):
+            self.recovery.refund(customer, attempt, operation)
+        except Exception:
+            logger.exception("metergate: refund of %s failed", attempt)
+
+    async def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
         return await self.meter.admit(
             planned.customer,
             planned.amounts,
-            planned.idempotency_key,
+            None,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
             lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
+            attempt=attempt,
+            operation=operation or None,
         )
 
     async def _customer(self, scope: Scope, key: str | None) -> str | None:
@@ -229,27 +391,36 @@ class MeteringMiddleware:
         *,
         read_headers: bool = True,
         tap: AsgiResponseTap | None = None,
+        refund_on: frozenset[int] = frozenset(),
     ) -> None:
         """Run the app with our fields added; `on_end` runs once, however the response ends.
 
-        `on_end` gets the response's header fields (lowercased) when `read_headers`, else none.
+        `on_end` gets the response's header fields (lowercased) when `read_headers`, else none,
+        and whether the admission is to be refunded: the status is in `refund_on`, the gateway
+        answered itself (413, 400, 502, 504), or the app raised before answering (a 500).
         """
         added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
         ended = False
         trailers = False
+        status = 500  # what the server answers when the app raises before starting a response
+        own = False
 
         async def end() -> None:
             nonlocal ended
             if not ended:
                 ended = True
-                await on_end(response_headers)
+                await on_end(response_headers, own or status in refund_on)
 
         async def metered_send(message: Message) -> None:
-            nonlocal trailers
+            nonlocal trailers, status, own
             if tap is not None:
                 tap.see(message)  # scanned as it passes; never held back
             if message["type"] == "http.response.start":
+                status = message["status"]
+                if message.get(GATEWAY_ANSWER):
+                    own = True
+                    message = {k: v for k, v in message.items() if k != GATEWAY_ANSWER}
                 # With trailers announced, the response ends with its last trailer message.
                 trailers = bool(message.get("trailers", False))
                 # The app's own headers stay untouched; ours are appended.
@@ -288,53 +459,41 @@ class MeteringMiddleware:
         send: Send,
         planned: Admission,
         api_key: str | None,
+        attempt: str = "",
+        operation: str = "",
     ) -> None:
+        """Answer for storage that did not answer: 503 (its admission, if sent, is refunded once
+        storage is back), or let the request through and record it later (`open`)."""
         if self.config.storage.on_failure == "closed":
+            if attempt:
+                # The admission may still arrive, or may have been applied with its reply lost.
+                self.recovery.refund(planned.customer, attempt, operation)
             await _send_answer(send, self.gate.unavailable())
             return
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
-        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
         tap = AsgiResponseTap(planned.route) if planned.route.body_costs else None
 
-        async def defer(response_headers: Mapping[str, str]) -> None:
-            found = tap.found() if tap is not None else None
-            item = self.gate.deferred(planned, response_headers, operation, api_key, found)
-            if item is None:
+        async def defer(response_headers: Mapping[str, str], refunded: bool) -> None:
+            if refunded:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
                 return
-            if len(self._deferred) == self._deferred.maxlen:
-                logger.error(
-                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
-                )
-            self._deferred.append(item)
+            # Recorded under the lost admission's attempt: charged once whether or not it arrived.
+            found = tap.found() if tap is not None else None
+            item = self.gate.deferred(
+                planned, response_headers, op, api_key, found=found, attempt=attempt
+            )
+            if item is None:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
+                return
+            self.recovery.record(item)
 
-        await self._forward(scope, receive, send, DEGRADED, defer, tap=tap)
-
-    def _start_drain(self) -> None:
-        if self._deferred and (self._drain_task is None or self._drain_task.done()):
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        """Record what was let through while storage was down, each under its own operation id."""
-        while self._deferred:
-            item = self._deferred[0]
-            try:
-                customer = item.customer
-                if customer is None and item.api_key is not None:
-                    customer = await self.meter.customer_for_key(item.api_key)
-                if customer is not None:
-                    decision = await self.meter.admit(customer, item.amounts, item.operation)
-                    if not decision.allowed:
-                        logger.warning(
-                            "metergate: a request let through while storage was down was refused "
-                            "afterwards (%s); it stays unrecorded",
-                            decision.problem,
-                        )
-            except (StorageUnavailable, TimeoutError):
-                return  # still down: the next admitted request starts another drain
-            except Exception:
-                logger.exception("metergate: could not record a request let through while down")
-            self._deferred.popleft()
+        await self._forward(
+            scope, receive, send, DEGRADED, defer, refund_on=planned.route.refund_on, tap=tap
+        )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_send(message: Message) -> None:
@@ -344,9 +503,7 @@ class MeteringMiddleware:
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes
                     await asyncio.wait(set(self._settling), timeout=SHUTDOWN_DRAIN_S)
-                if self._deferred:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._drain(), SHUTDOWN_DRAIN_S)
+                await self.recovery.close(SHUTDOWN_DRAIN_S)
                 await self.meter.aclose()
             await send(message)
 

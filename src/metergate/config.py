@@ -189,6 +189,16 @@ def _stored_key(value: str) -> str:
     return stored_api_key(value)
 
 
+def _refund_status(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if not 100 <= value <= 599:
+            raise ValueError(f"{value} is not an HTTP status (100 to 599)")
+        return value
+    if not re.fullmatch(r"[1-5]xx", value):
+        raise ValueError(f"{value!r} is neither a status nor a class like '5xx'")
+    return value
+
+
 DurationMs = Annotated[int, BeforeValidator(_duration_ms)]
 """A duration, given as seconds or `<int><unit>`, held as integer milliseconds (always > 0)."""
 
@@ -343,6 +353,8 @@ class RouteConfig(_Model):
     meter: list[MeterConfig] = []
     reserve_ttl: DurationMs = 300_000
     lease_ttl: DurationMs | None = None
+    refund_on: list[Annotated[StrictInt | str, AfterValidator(_refund_status)]] = ["5xx"]
+    """Response statuses whose admission is undone: integers (`502`) or classes (`"4xx"`)."""
 
 
 class IdentityConfig(_Model):
@@ -408,6 +420,15 @@ class StripeConfig(_Model):
     base_url: str = Field(default="https://api.stripe.com", pattern=r"^https?://")
 
 
+class IdempotencyConfig(_Model):
+    """How requests carrying `Idempotency-Key` are remembered and replayed."""
+
+    ttl: DurationMs = 86_400_000
+    """How long a completed request's response is replayed."""
+    max_response_bytes: Annotated[StrictInt, Field(ge=0)] = 1024 * 1024
+    """Responses with a larger body are not stored: a retry is forwarded and metered as new."""
+
+
 class AdminConfig(_Model):
     """The admin API."""
 
@@ -429,6 +450,7 @@ class GatewayConfig(_Model):
     usage_report_interval: DurationMs = 60_000
     admin: AdminConfig = AdminConfig()
     stripe: StripeConfig | None = None
+    idempotency: IdempotencyConfig = IdempotencyConfig()
 
 
 def hash_api_key(key: str) -> str:

@@ -85,6 +85,8 @@ class Meter:
         estimates: Mapping[str, int] | None = None,
         hold_ttl_s: int = 300,
         lease_ttl_s: int | None = None,
+        attempt: str | None = None,
+        operation: str | None = None,
     ) -> Decision:
         """Decide and record one admission of (metric, amount) pairs, all or nothing."""
         return self._drive(
@@ -95,12 +97,20 @@ class Meter:
                 estimates=estimates,
                 hold_ttl_ms=hold_ttl_s * 1000,
                 lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+                attempt=attempt,
+                operation=operation,
             )
         )
 
     def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Decision:
         """Record the actual units of an admission's estimates and end its leases."""
         return self._drive(self.core.settle(ticket, actuals))
+
+    def refund(self, customer: str, attempt: str, operation: str = "") -> str:
+        """Undo an admission once (units, charge, holds, leases), or void it if it has not arrived.
+
+        Returns 'refunded', 'void' or 'done' (refunded before)."""
+        return self._drive(self.core.refund(customer, attempt, operation))
 
     def record(
         self, customer: str, metric: str, value: int, idempotency_key: str | None = None
@@ -172,9 +182,22 @@ class Meter:
         """Resume a suspended balance."""
         return self._drive(self.core.balance_op(customer, name, "resume"))
 
-    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
-        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
-        return self._drive(self.core.reserve(customer, name, amount, ttl_s))[0]
+    def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id (once per
+        idempotency key)."""
+        return self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))[0]
+
+    def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> str:
+        """Undo a keyed reservation whose reply was lost: release its hold, or void it if it has
+        not arrived yet ('voided', 'released' or 'closed')."""
+        return self._drive(self.core.cancel_reservation(customer, name, idempotency_key))
 
     def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None
@@ -259,6 +282,8 @@ class AsyncMeter:
         estimates: Mapping[str, int] | None = None,
         hold_ttl_s: int = 300,
         lease_ttl_s: int | None = None,
+        attempt: str | None = None,
+        operation: str | None = None,
     ) -> Decision:
         """Decide and record one admission of (metric, amount) pairs, all or nothing."""
         return await self._drive(
@@ -269,12 +294,20 @@ class AsyncMeter:
                 estimates=estimates,
                 hold_ttl_ms=hold_ttl_s * 1000,
                 lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+                attempt=attempt,
+                operation=operation,
             )
         )
 
     async def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Decision:
         """Record the actual units of an admission's estimates and end its leases."""
         return await self._drive(self.core.settle(ticket, actuals))
+
+    async def refund(self, customer: str, attempt: str, operation: str = "") -> str:
+        """Undo an admission once (units, charge, holds, leases), or void it if it has not arrived.
+
+        Returns 'refunded', 'void' or 'done' (refunded before)."""
+        return await self._drive(self.core.refund(customer, attempt, operation))
 
     async def record(
         self, customer: str, metric: str, value: int, idempotency_key: str | None = None
@@ -348,9 +381,24 @@ class AsyncMeter:
         """Resume a suspended balance."""
         return await self._drive(self.core.balance_op(customer, name, "resume"))
 
-    async def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> str:
-        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id."""
-        return (await self._drive(self.core.reserve(customer, name, amount, ttl_s)))[0]
+    async def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Hold `amount` on a balance for `ttl_s` seconds and return the reservation id (once per
+        idempotency key)."""
+        return (
+            await self._drive(self.core.reserve(customer, name, amount, ttl_s, idempotency_key))
+        )[0]
+
+    async def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> str:
+        """Undo a keyed reservation whose reply was lost: release its hold, or void it if it has
+        not arrived yet ('voided', 'released' or 'closed')."""
+        return await self._drive(self.core.cancel_reservation(customer, name, idempotency_key))
 
     async def commit(
         self, reservation_id: str, amount: int, idempotency_key: str | None = None

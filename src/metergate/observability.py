@@ -8,6 +8,7 @@ from metergate.core.model import Decision
 
 __all__ = [
     "ADMISSIONS",
+    "ADMISSIONS_UNKNOWN",
     "DECISION_SECONDS",
     "REGISTRY",
     "STORAGE_ERRORS",
@@ -32,6 +33,12 @@ DECISION_SECONDS = Histogram(
 STORAGE_ERRORS = Counter(
     "metergate_storage_errors",
     "Storage calls that failed or timed out.",
+    registry=REGISTRY,
+)
+ADMISSIONS_UNKNOWN = Counter(
+    "metergate_admissions_unknown",
+    "Admissions whose outcome stays unknown: storage gave no reply, and they could be neither "
+    "refunded nor confirmed (they may stay charged).",
     registry=REGISTRY,
 )
 WEBHOOK_BACKLOG = Gauge(

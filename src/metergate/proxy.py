@@ -17,7 +17,7 @@ import yarl
 from metergate.asgi import MeteringMiddleware, Receive, Scope, Send
 from metergate.config import GatewayConfig
 from metergate.core.framing import framing_problem
-from metergate.core.http import Answer, problem
+from metergate.core.http import GATEWAY_ANSWER, Answer, problem
 from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.fairness import CustomerSlots
 from metergate.meter import AsyncMeter, ConfigSource, as_config
@@ -40,9 +40,19 @@ HOP_BY_HOP = frozenset(
 
 
 async def send_answer(send: Send, answer: Answer) -> None:
-    """Send a complete answer (status, headers, body) on an ASGI connection."""
+    """Send a complete answer of the gateway itself (status, headers, body) on an ASGI connection.
+
+    It is marked as the gateway's own (GATEWAY_ANSWER), so the metering around the proxy refunds
+    the request's admission: the customer did not get the upstream's response."""
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
-    await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": answer.status,
+            "headers": raw,
+            GATEWAY_ANSWER: True,
+        }
+    )
     await send({"type": "http.response.body", "body": answer.body})
 
 

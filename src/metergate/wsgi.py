@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 
 from metergate.bodytap import WsgiResponseTap, read_reserves_wsgi
 from metergate.config import GatewayConfig
+from metergate.core import idempotency
 from metergate.core.errors import StorageUnavailable
-from metergate.core.http import Admission, Answer, Deferred, Gate, KeyCache, ratelimit_fields
+from metergate.core.http import (
+    Admission,
+    Answer,
+    Gate,
+    KeyCache,
+    problem,
+    ratelimit_fields,
+    too_large,
+)
 from metergate.core.model import Decision
 from metergate.core.paths import BadPath, bad_request, normalize_decoded
 from metergate.meter import ConfigSource, Meter, as_config
 from metergate.observability import STORAGE_ERRORS, observe
+from metergate.recovery import ThreadRecovery
 
 __all__ = ["WSGIMeteringMiddleware"]
 
@@ -28,10 +39,8 @@ logger = logging.getLogger("metergate")
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
-OnEnd = Callable[[Mapping[str, str]], None]
+OnEnd = Callable[[Mapping[str, str], bool], None]
 
-DEGRADED_BUFFER = 100_000
-DRAIN_PER_REQUEST = 100
 DEGRADED = [("metergate-degraded", "?1")]
 
 
@@ -183,10 +192,9 @@ class WSGIMeteringMiddleware:
         self.gate = Gate(self.config, costs=costs)
         self.identify = identify
         self._keys = KeyCache(self.meter.core.revocations)
-        # Requests let through while storage was down (`on_failure: open`), recorded when it is
-        # back.
-        self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
-        self._draining = threading.Lock()
+        # Refunds of admissions whose reply was lost, and requests let through while storage was
+        # down (`on_failure: open`): a background thread runs them as soon as storage answers.
+        self.recovery = ThreadRecovery(self.meter)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
@@ -224,22 +232,44 @@ class WSGIMeteringMiddleware:
         planned = self.gate.admission(customer, route, headers, environ, reserves)
         if isinstance(planned, Answer):
             return _answer(start_response, planned)
+        if planned.idempotency_key:
+            return self._keyed(environ, start_response, planned)
+        return self._serve(environ, start_response, planned, [])
+
+    def _serve(
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        planned: Admission,
+        outcome: list[str],
+    ) -> Iterable[bytes]:
+        """Admit, answer a refusal or forward; `outcome` gets `refused`, `unavailable`,
+        `refunded` or `served` (the last two when the response ends)."""
+        route = planned.route
         started = time.perf_counter()
+        # Named before it is sent: if its reply is lost, a refund by this id undoes or voids it.
+        attempt = self.meter.core.new_attempt()
+        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
+        # admission itself keeps no operation record, so a retry the claim lets through (after
+        # a refund, or a response too large to store) is metered as new.
+        operation = ""
         try:
-            decision = self._admit(planned)
+            decision = self._admit(planned, attempt, operation)
         except StorageUnavailable:
             STORAGE_ERRORS.inc()
-            return self._storage_failed(environ, start_response, planned, None)
+            outcome.append("unavailable")
+            return self._storage_failed(environ, start_response, planned, None, attempt, operation)
         observe(decision, time.perf_counter() - started)
         if not decision.allowed:
+            outcome.append("refused")
             return _answer(start_response, self.gate.refusal(decision, self.clock()))
-        if self._deferred:
-            self._drain(DRAIN_PER_REQUEST)
 
         ticket = decision.ticket
         fields = ratelimit_fields(decision, self.clock())
-        if ticket is None:
-            # Nothing to settle when the response is over: the body is the app's own.
+        if ticket is None or not (ticket.estimated or ticket.leased or route.refund_on):
+            # Nothing to settle or refund when the response is over: the body is the app's own.
+            outcome.append("served")
+
             def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
                 return start_response(status, [*headers, *fields], *args)
 
@@ -248,7 +278,14 @@ class WSGIMeteringMiddleware:
         response_headers: dict[str, str] = {}
         tap = WsgiResponseTap(route, response_headers) if route.body_costs else None
 
-        def settle(response_headers: Mapping[str, str]) -> None:
+        def settle(response_headers: Mapping[str, str], refunded: bool) -> None:
+            outcome.append("refunded" if refunded else "served")
+            if refunded:
+                # the customer did not get what it paid for: undo the admission, holds too
+                self._refund(ticket.customer, ticket.attempt, ticket.operation)
+                return
+            if not ticket.estimated and not ticket.leased:
+                return
             # After a disconnect, what the body reported so far (a complete event), else the
             # reserve.
             found = tap.found() if tap is not None else None
@@ -257,17 +294,138 @@ class WSGIMeteringMiddleware:
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
-        return self._forward(environ, start_response, fields, settle, response_headers, tap)
+        return self._forward(
+            environ, start_response, fields, settle, response_headers, tap, route.refund_on
+        )
 
-    def _admit(self, planned: Admission) -> Decision:
+    def _keyed(
+        self, environ: Environ, start_response: StartResponse, planned: Admission
+    ) -> Iterable[bytes]:
+        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
+        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
+        key = str(planned.idempotency_key)
+        limit = self.config.proxy.max_body_bytes
+        stream = environ.get("wsgi.input")
+        length = str(environ.get("CONTENT_LENGTH") or "")
+        if length.isdigit() and int(length) > limit:
+            return _answer(start_response, too_large(limit))
+        if stream is None:
+            data = b""
+        elif length.isdigit():
+            data = stream.read(int(length))
+        elif environ.get("wsgi.input_terminated"):
+            data = stream.read(limit + 1)
+        else:
+            data = b""
+        if len(data) > limit:
+            return _answer(start_response, too_large(limit))
+        environ["wsgi.input"] = io.BytesIO(data)
+        environ["CONTENT_LENGTH"] = str(len(data))
+        fp = idempotency.fingerprint(
+            environ.get("REQUEST_METHOD", "GET"),
+            _path(environ),
+            environ.get("QUERY_STRING", ""),
+            {**planned.amounts, **planned.estimates},
+            hashlib.sha256(data).hexdigest(),
+        )
+        keys, customer = self.meter.core.keys, planned.customer
+        in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
+        try:
+            claim = self.meter._drive(idempotency.claim(keys, customer, key, fp, in_flight_ms))
+        except StorageUnavailable:
+            STORAGE_ERRORS.inc()
+            return _answer(start_response, self.gate.unavailable())
+        if claim.outcome == "replay" and claim.stored is not None:
+            stored = claim.stored
+            headers = [
+                *stored.headers,
+                ("content-length", str(len(stored.body))),
+                ("idempotent-replayed", "true"),
+            ]
+            return _answer(start_response, Answer(stored.status, headers, stored.body))
+        if claim.outcome != "proceed":
+            retry = [("retry-after", "1")] if claim.outcome == "idempotency-in-flight" else []
+            detail = (
+                "a request with this Idempotency-Key is still in flight"
+                if retry
+                else "this Idempotency-Key was used with a different request"
+            )
+            return _answer(start_response, problem(claim.outcome, 409, detail, retry))
+
+        max_bytes = self.config.idempotency.max_response_bytes
+        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+
+        def capture_start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            code = status[:3]
+            captured["status"] = int(code) if code.isdigit() else 500
+            captured["headers"] = list(headers)
+            return start_response(status, headers, *args)
+
+        outcome: list[str] = []
+
+        def finish() -> None:
+            try:
+                if outcome[:1] == ["served"] and not captured["over"] and captured["status"]:
+                    flow = idempotency.complete(
+                        keys,
+                        customer,
+                        key,
+                        fp,
+                        captured["status"],
+                        captured["headers"],
+                        bytes(captured["body"]),
+                        self.config.idempotency.ttl,
+                    )
+                else:
+                    # refused, refunded, unavailable or too large: a retry is a new request
+                    flow = idempotency.release(keys, customer, key)
+                self.meter._drive(flow)
+            except Exception:
+                logger.exception("metergate: could not record the outcome of Idempotency-Key")
+
+        try:
+            result = self._serve(environ, capture_start, planned, outcome)
+        except BaseException:
+            finish()
+            raise
+
+        def body() -> Iterator[bytes]:
+            try:
+                for chunk in result:
+                    if not captured["over"]:
+                        captured["body"] += chunk
+                        if len(captured["body"]) > max_bytes:
+                            captured["over"], captured["body"] = True, bytearray()
+                    yield chunk
+            finally:
+                close = getattr(result, "close", None)
+                try:
+                    if close is not None:
+                        close()
+                finally:
+                    finish()
+
+        return body()
+
+    def _refund(self, customer: str, attempt: str, operation: str) -> None:
+        try:
+            self.meter.refund(customer, attempt, operation)
+        except StorageUnavailable:
+            self.recovery.refund(customer, attempt, operation)
+        except Exception:
+            logger.exception("metergate: refund of %s failed", attempt)
+
+    def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
         return self.meter.admit(
             planned.customer,
             planned.amounts,
-            planned.idempotency_key,
+            None,
             estimates=planned.estimates,
             hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
             lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
+            attempt=attempt,
+            operation=operation or None,
         )
 
     def _customer(self, environ: Environ, key: str | None) -> str | None:
@@ -292,19 +450,25 @@ class WSGIMeteringMiddleware:
         on_end: OnEnd,
         response_headers: dict[str, str] | None = None,
         tap: WsgiResponseTap | None = None,
+        refund_on: frozenset[int] = frozenset(),
     ) -> Iterable[bytes]:
-        """Run the app with our fields added; `on_end` runs once, however the response ends.
+        """Run the app with our fields added; `on_end` runs once, however the response ends,
+        and is told to refund when the status is in `refund_on` or the app raised before
+        answering (a 500).
 
         `response_headers` is filled with the response's fields (lowercased) for `tap` to read.
         """
         response_headers = {} if response_headers is None else response_headers
         ended = threading.Lock()
+        answered = [500]
 
         def end() -> None:
             if ended.acquire(blocking=False):
-                on_end(response_headers)
+                on_end(response_headers, answered[0] in refund_on)
 
         def metered_start_response(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            code = status[:3]
+            answered[0] = int(code) if code.isdigit() else 500
             # The app's own headers stay untouched; ours are appended.
             for k, v in headers:
                 response_headers[k.lower()] = v
@@ -323,54 +487,34 @@ class WSGIMeteringMiddleware:
         start_response: StartResponse,
         planned: Admission,
         api_key: str | None,
+        attempt: str = "",
+        operation: str = "",
     ) -> Iterable[bytes]:
+        """Answer 503 (refunding the admission, if sent, once storage is back), or let the request
+        through and record it later under the lost admission's attempt (`open`)."""
         if self.config.storage.on_failure == "closed":
+            if attempt:
+                self.recovery.refund(planned.customer, attempt, operation)
             return _answer(start_response, self.gate.unavailable())
         # The same Idempotency-Key retried while storage is down is still recorded once.
         key = planned.idempotency_key
-        operation = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
         response_headers: dict[str, str] = {}
         route = planned.route
         tap = WsgiResponseTap(route, response_headers) if route.body_costs else None
 
-        def defer(response_headers: Mapping[str, str]) -> None:
-            found = tap.found() if tap is not None else None
-            item = self.gate.deferred(planned, response_headers, operation, api_key, found)
-            if item is None:
-                return
-            if len(self._deferred) == self._deferred.maxlen:
-                logger.error(
-                    "metergate: degraded buffer full; the oldest unmetered request is dropped"
+        def defer(response_headers: Mapping[str, str], refunded: bool) -> None:
+            item = None
+            if not refunded:
+                found = tap.found() if tap is not None else None
+                item = self.gate.deferred(
+                    planned, response_headers, op, api_key, found=found, attempt=attempt
                 )
-            self._deferred.append(item)
+            if item is not None:
+                self.recovery.record(item)
+            elif attempt:
+                self.recovery.refund(planned.customer, attempt, operation)
 
-        return self._forward(environ, start_response, DEGRADED, defer, response_headers, tap)
-
-    def _drain(self, limit: int) -> None:
-        """Record up to `limit` requests let through while storage was down (one thread at once)."""
-        if not self._draining.acquire(blocking=False):
-            return
-        try:
-            for _ in range(limit):
-                if not self._deferred:
-                    return
-                item = self._deferred[0]
-                try:
-                    customer = item.customer
-                    if customer is None and item.api_key is not None:
-                        customer = self.meter.customer_for_key(item.api_key)
-                    if customer is not None:
-                        decision = self.meter.admit(customer, item.amounts, item.operation)
-                        if not decision.allowed:
-                            logger.warning(
-                                "metergate: a request let through while storage was down was "
-                                "refused afterwards (%s); it stays unrecorded",
-                                decision.problem,
-                            )
-                except StorageUnavailable:
-                    return  # still down: a later admitted request tries again
-                except Exception:
-                    logger.exception("metergate: could not record a request let through while down")
-                self._deferred.popleft()
-        finally:
-            self._draining.release()
+        return self._forward(
+            environ, start_response, DEGRADED, defer, response_headers, tap, route.refund_on
+        )

@@ -81,10 +81,11 @@ def test_lease_ends_after_a_normal_response(gateway: Gateway) -> None:
 
 
 def test_lease_ends_when_the_app_raises(gateway: Gateway) -> None:
-    """An app that raises before answering still ends its lease and settles its hold."""
+    """An app that raises before answering (a 500) ends its lease and releases its hold unpaid."""
     response = gateway.client.post("/v1/chat", headers={**ACME, "x-mode": "raise"})
     assert response.status_code == 500
-    assert settled(gateway) == (50, 0, 0, 0)
+    assert settled(gateway) == (0, 0, 0, 0)
+    assert gateway.meter.balance("acme", "credits").available == 1000
     assert (
         gateway.client.get("/v1/concurrent", headers={**ACME, "x-mode": "raise"}).status_code == 500
     )
@@ -118,11 +119,14 @@ def _assert_in_flight(gateway: Gateway, value: int) -> None:
 
 
 def test_idempotency_key_meters_retries_once(gateway: Gateway) -> None:
-    """Retries with the same Idempotency-Key reach the app each time but are charged once."""
+    """Retries with the same Idempotency-Key get the stored response, replayed without reaching the
+    app, and are charged once."""
     headers = {**ACME, "idempotency-key": "order-42"}
     balances = [gateway.client.get("/v1/anything", headers=headers) for _ in range(3)]
     assert [r.status_code for r in balances] == [200, 200, 200]
-    assert gateway.seen.paths() == ["/v1/anything"] * 3
+    assert [r.headers.get("idempotent-replayed") for r in balances] == [None, "true", "true"]
+    assert balances[2].content == balances[0].content
+    assert gateway.seen.paths() == ["/v1/anything"]
     assert gateway.meter.usage("acme", "calls")["value"] == 1
     assert gateway.meter.balance("acme", "credits").available == 999
     other = gateway.client.get("/v1/anything", headers={**ACME, "idempotency-key": "order-43"})
@@ -130,10 +134,10 @@ def test_idempotency_key_meters_retries_once(gateway: Gateway) -> None:
 
 
 def test_idempotency_key_keeps_the_first_settlement(gateway: Gateway) -> None:
-    """A retried response-priced request keeps the first settlement's units, not the retry's."""
-    headers = {**ACME, "idempotency-key": "chat-1"}
-    assert gateway.client.post("/v1/chat", headers={**headers, "x-tokens": "7"}).is_success
-    assert gateway.client.post("/v1/chat", headers={**headers, "x-tokens": "30"}).is_success
+    """A retried response-priced request is replayed: the first settlement's units stand."""
+    headers = {**ACME, "idempotency-key": "chat-1", "x-tokens": "7"}
+    assert gateway.client.post("/v1/chat", headers=headers).is_success
+    assert gateway.client.post("/v1/chat", headers=headers).headers["idempotent-replayed"] == "true"
     assert settled(gateway) == (7, 0, 0, 0)
     assert gateway.meter.balance("acme", "credits").available == 993
 

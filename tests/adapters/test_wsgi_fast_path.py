@@ -113,7 +113,7 @@ def _config(url: str) -> dict[str, Any]:
                 "balances": {"credits": {"amount": 100}},
             }
         },
-        "routes": [{"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}]}],
+        "routes": [{"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}], "refund_on": []}],
     }
 
 
@@ -121,8 +121,9 @@ def _config(url: str) -> dict[str, Any]:
 def test_an_admission_with_nothing_to_settle_hands_back_the_apps_own_body(
     redis_server: RedisProcess,
 ) -> None:
-    """A request priced up front needs nothing when its response ends: the app's body object is
-    returned as it is (the server closes it once), with the metering fields appended."""
+    """A request priced up front on a route that refunds nothing needs nothing when its response
+    ends: the app's body object is returned as it is (the server closes it), with the metering
+    fields appended."""
     client = redis_server.client()
     client.flushall()
     client.close()

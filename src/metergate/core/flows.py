@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import itertools
 import json
 import logging
@@ -37,6 +38,7 @@ from metergate.core.revocations import Revocations
 from metergate.periods import period_window
 
 __all__ = [
+    "ALREADY_APPLIED",
     "LOST_DATA",
     "Batch",
     "Command",
@@ -81,6 +83,7 @@ Flow = Generator[Script | Command | Batch, Any, T]
 KEYED_OP_TTL_S = 86_400
 AUTO_OP_TTL_S = 600
 LEDGER_LIMIT = 10_000
+ALREADY_APPLIED = "this attempt was already applied"
 
 
 def check_amount(value: object, field: str, *, signed: bool = False, positive: bool = False) -> int:
@@ -151,8 +154,8 @@ class Entitlement:
         return window
 
 
-def _encode_rid(customer: str, balance: str) -> str:
-    raw = json.dumps([customer, balance, uuid.uuid4().hex[:16]], separators=(",", ":"))
+def _encode_rid(customer: str, balance: str, nonce: str | None = None) -> str:
+    raw = json.dumps([customer, balance, nonce or uuid.uuid4().hex[:16]], separators=(",", ":"))
     return "rsv_" + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -430,8 +433,13 @@ class MeterCore:
         estimates: Mapping[str, int] | None = None,
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
+        attempt: str | None = None,
+        operation: str | None = None,
     ) -> Flow[Decision]:
-        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        """Decide and record one admission of (metric, amount) pairs, all or nothing.
+
+        `attempt` (from `new_attempt`) names this call for `refund`, also when its reply is lost;
+        `operation` replaces the operation id of `idempotency_key` (HTTP keys use their own)."""
         ops = {m: ("a", check_amount(v, f"amounts.{m}")) for m, v in amounts.items()}
         for metric, estimate in (estimates or {}).items():
             if metric in ops:
@@ -449,8 +457,14 @@ class MeterCore:
                 idempotency_key,
                 hold_ttl_ms=hold_ttl_ms,
                 lease_ttl_ms=lease_ttl_ms,
+                op_id=operation,
+                attempt=attempt or self.new_attempt(),
             )
         )
+
+    def new_attempt(self) -> str:
+        """Return a fresh attempt id, unique across processes."""
+        return f"{self._ids_prefix}{next(self._ids):x}"
 
     def record(
         self, customer: str, metric: str, value: int, idempotency_key: str | None = None
@@ -487,6 +501,54 @@ class MeterCore:
                 fingerprint="settle",
             )
         )
+
+    def refund(self, customer: str, attempt: str, operation: str = "") -> Flow[str]:
+        """Undo one admission exactly once, or stop it from happening if it has not arrived yet.
+
+        Returns 'refunded', 'void' (nothing had happened; a late arrival is now refused) or
+        'done' (refunded before). A keyed admission (`operation`) is forgotten, so that a retry
+        with its key is metered as new."""
+        _check_name(customer, "customer")
+        if not attempt:
+            raise InvalidAmount("attempt", "name the admission's attempt")
+        partition = self.keys.partition(customer)
+        undo = self.keys.operation(customer, "u:" + attempt)
+        op_key = self.keys.operation(customer, operation) if operation else undo
+        for _attempt in range(3):
+            record = yield Command(("GET", undo))
+            metrics, balances, window = _undo_names(record)
+            keys = [
+                undo,
+                op_key,
+                self.keys.outbox(partition),
+                self.keys.customer(customer),
+                self.keys.ledger(customer),
+            ]
+            for metric in metrics:
+                keys += self.keys.asset(customer, metric)
+            for name in balances:
+                keys += self.keys.balance(customer, name)
+            keys += (
+                self.keys.usage_window(partition, window),
+                self.keys.usage_open(partition),
+                self.keys.holds(partition),
+            )
+            reply = yield Script(
+                "refund",
+                tuple(keys),
+                (
+                    str(int(self.clock() * 1000)),
+                    str(AUTO_OP_TTL_S),
+                    customer,
+                    str(len(metrics)),
+                    str(len(balances)),
+                    *metrics,
+                    *balances,
+                ),
+            )
+            if reply[0] != "stale":
+                return str(reply[0])
+        raise RuntimeError(f"the admission {attempt!r} keeps changing; try again")
 
     def _shape(self, customer: str, assets: list[CompiledAsset]) -> _Shape:
         balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
@@ -539,14 +601,15 @@ class MeterCore:
         fingerprint: str | None = None,
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
+        attempt: str = "",
     ) -> Flow[Decision]:
         if not self._bootstrapped:
             yield from self.bootstrap()
         if op_id is None:
             # Without a key the caller will not retry, and the script keeps no operation record.
             op_id = f"k:{idempotency_key}" if idempotency_key else ""
-        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id else AUTO_OP_TTL_S
-        hold_id = hold_id or op_id or f"a:{self._ids_prefix}{next(self._ids):x}"
+        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id or op_id else AUTO_OP_TTL_S
+        hold_id = hold_id or op_id or f"a:{attempt or self.new_attempt()}"
         if fingerprint is None:
             # the fingerprint only matters to an operation record
             fingerprint = (
@@ -614,19 +677,36 @@ class MeterCore:
                 )
             keys.append(shape.window[1])
             keys += shape.tail
+            keys.append(self.keys.operation(customer, "u:" + attempt) if attempt else keys[0])
             args += shape.window[2]
+            args.append(attempt)
             reply = yield Script("admit", tuple(keys), tuple(args))
             if reply[0] == "stale":
                 self._entitlements.pop(customer, None)
                 continue
+            if reply[0] == "void":  # this attempt was refunded before it arrived
+                return Decision(False, 503, "metering-unavailable", customer)
+            if reply[0] == "dup":
+                # this attempt was already applied (its reply was lost): its ticket settles it
+                rid = str(reply[1]) if len(reply) > 1 and reply[1] else hold_id
+                done = Ticket(customer, plan_name or ent.plan, rid, {}, {}, attempt=attempt)
+                return Decision(True, 200, None, customer, detail=ALREADY_APPLIED, ticket=done)
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             ticket = None
             leased = {m: ops[m][1] for m in shape.leases if ops[m][0] == "a"}
             estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
-            if leased or estimated:
-                ticket = Ticket(customer, plan_name or ent.plan, hold_id, estimated, leased)
+            if leased or estimated or attempt:
+                ticket = Ticket(
+                    customer,
+                    plan_name or ent.plan,
+                    hold_id,
+                    estimated,
+                    leased,
+                    attempt=attempt,
+                    operation=op_id,
+                )
             return _decision(customer, assets, windows, balances, reply, now_s, ticket)
         raise RuntimeError(f"the entitlement of '{customer}' keeps changing; try again")
 
@@ -766,17 +846,67 @@ class MeterCore:
             check_amount(amount, "amount", positive=True)
         return (yield from self._balance_op(customer, name, op, amount, idempotency_key))
 
-    def reserve(self, customer: str, name: str, amount: int, ttl_s: int) -> Flow[tuple[str, int]]:
-        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s)."""
+    def reserve(
+        self,
+        customer: str,
+        name: str,
+        amount: int,
+        ttl_s: int,
+        idempotency_key: str | None = None,
+    ) -> Flow[tuple[str, int]]:
+        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s).
+
+        With an idempotency key, the reservation id derives from it and the script decides
+        duplicates atomically: any number of concurrent retries make one reservation."""
         yield from self.bootstrap()
         check_amount(amount, "amount", positive=True)
         check_amount(ttl_s, "ttl_s", positive=True)
-        rid = _encode_rid(customer, name)
+        rid = self.reservation_id(customer, name, idempotency_key)
         expires_ms = int(self.clock() * 1000) + ttl_s * 1000
+        reply: list[str] = []
         yield from self._balance_op(
-            customer, name, "reserve", amount, rid=rid, expiry_ms=expires_ms
+            customer,
+            name,
+            "reserve",
+            amount,
+            idempotency_key,
+            rid=rid,
+            expiry_ms=expires_ms,
+            fingerprint=f"reserve:{name}:{amount}:{ttl_s}",
+            reply_out=reply,
         )
+        if len(reply) > 10:
+            expires_ms = int(reply[10])
         return rid, math.ceil(expires_ms / 1000)
+
+    def reservation_id(self, customer: str, name: str, idempotency_key: str | None) -> str:
+        """Return the id of a reservation: derived from its idempotency key, else random."""
+        nonce = None
+        if idempotency_key:
+            nonce = hashlib.sha256(f"{customer}\x1f{idempotency_key}".encode()).hexdigest()[:16]
+        return _encode_rid(customer, name, nonce)
+
+    def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> Flow[str]:
+        """Undo the reservation made (or still on its way) with `idempotency_key` whose reply was
+        lost: release its hold, or void it if it has not arrived. Returns 'voided', 'released'
+        or 'closed' (it was committed, released or expired meanwhile)."""
+        yield from self.bootstrap()
+        rid = self.reservation_id(customer, name, idempotency_key)
+        reply: list[str] = []
+        try:
+            yield from self._balance_op(
+                customer,
+                name,
+                "cancel",
+                0,
+                idempotency_key,
+                rid=rid,
+                fingerprint="cancel",
+                reply_out=reply,
+            )
+        except Conflict:
+            return "closed"
+        return "voided" if reply[1] == "voided" else "released"
 
     def close_reservation(
         self, rid: str, op: str, amount: int = 0, idempotency_key: str | None = None
@@ -803,9 +933,14 @@ class MeterCore:
         expiry_ms: int = 0,
         extra: tuple[str, ...] = ("", "0", ""),
         op_id: str | None = None,
+        fingerprint: str | None = None,
+        reply_out: list[str] | None = None,
     ) -> Flow[BalanceState]:
         if op_id is None:
             op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
+        if fingerprint is None:
+            # every parameter: the same key on another reservation is a conflict, not a replay
+            fingerprint = f"{op}:{name}:{amount}:{rid}"
         bkey, bxkey = self.keys.balance(customer, name)
         reply = yield Script(
             "balance",
@@ -821,7 +956,7 @@ class MeterCore:
             (
                 str(int(self.clock() * 1000)),
                 op_id,
-                f"{op}:{name}:{amount}",
+                fingerprint,
                 str(KEYED_OP_TTL_S),
                 customer,
                 op,
@@ -833,6 +968,8 @@ class MeterCore:
             ),
         )
         status, slug = reply[0], reply[1]
+        if reply_out is not None:
+            reply_out[:] = reply
         if status == "404":
             yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             raise NotFound(f"balance '{name}' of customer '{customer}' does not exist")
@@ -859,6 +996,18 @@ class MeterCore:
 
 
 _USAGE_LINE = ("uw", "ud", "un", "ut", "ua", "uh")
+
+
+def _undo_names(record: str | None) -> tuple[list[str], list[str], int]:
+    """The metrics, balances and usage window of an admission's undo record (see admit.lua)."""
+    if not record or not record.startswith("done\x1f"):
+        return [], [], 0
+    fields = record.split("\x1f")
+    n = int(fields[3])
+    metrics = [fields[4 + 9 * i] for i in range(n)]
+    q = 4 + 9 * n
+    balances = [fields[q + 1 + 3 * j] for j in range(int(fields[q]))]
+    return metrics, balances, int(fields[2])
 
 
 def _usage_line(balance: str, fields: list[str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from metergate.core.model import Decision
 from metergate.core.revocations import CHECK_S, Revocations
 
 __all__ = [
+    "GATEWAY_ANSWER",
     "Admission",
     "Answer",
     "CompiledRoute",
@@ -32,6 +33,8 @@ __all__ = [
     "api_key_from",
     "problem",
     "ratelimit_fields",
+    "refund_statuses",
+    "too_large",
 ]
 
 TITLES = {
@@ -44,6 +47,7 @@ TITLES = {
     "rate-limited": "Rate limited",
     "metering-unavailable": "Metering unavailable",
     "idempotency-conflict": "Idempotency conflict",
+    "idempotency-in-flight": "Idempotency key in flight",
     "body-too-large": "Body too large",
     "not-metered": "Not metered",
     "invalid-request": "Invalid request",
@@ -51,6 +55,10 @@ TITLES = {
     "bad-gateway": "Bad gateway",
     "gateway-timeout": "Gateway timeout",
 }
+
+GATEWAY_ANSWER = "metergate.gateway_answer"
+"""A key in an ASGI `http.response.start` message marking an answer the gateway itself gave after
+admitting (413, 400, 502, 504): its admission is always refunded."""
 
 _SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 
@@ -94,6 +102,8 @@ class CompiledRoute:
     request_reserves: tuple[tuple[str, RequestReserve], ...] = ()
     """metric -> reserve read from the request body, as pairs (the route stays hashable)."""
     request_scan_bytes: int = MAX_SCAN_BYTES
+    refund_on: frozenset[int] = frozenset()
+    """The response statuses whose admission is refunded."""
 
 
 def _methods(methods: Sequence[str] | None) -> frozenset[str] | None:
@@ -127,6 +137,7 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
             (c.metric, c.request_reserve) for c in costs if c.request_reserve is not None
         ),
         request_scan_bytes=max([n for n in scan if n is not None] or [MAX_SCAN_BYTES]),
+        refund_on=refund_statuses(route.refund_on),
     )
 
 
@@ -149,6 +160,18 @@ def _compile_cost(metric: str, cost: CostConfig) -> MeteredCost:
         body=body,
         request_reserve=from_request,
     )
+
+
+def refund_statuses(items: Sequence[int | str]) -> frozenset[int]:
+    """Expand `refund_on` items (`502`, `"5xx"`) into the set of statuses they name."""
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, int):
+            out.add(item)
+        else:
+            first = int(item[0]) * 100
+            out.update(range(first, first + 100))
+    return frozenset(out)
 
 
 class RouteTable:
@@ -212,6 +235,11 @@ def problem(
         ],
         data,
     )
+
+
+def too_large(limit: int) -> Answer:
+    """Build the 413 answer for a request body over `limit` bytes."""
+    return problem("body-too-large", 413, f"the request body exceeds {limit} bytes")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -290,6 +318,11 @@ class Deferred:
     """The key to look the customer up by, when storage was down before it could be."""
     amounts: dict[str, int]
     operation: str
+    attempt: str = ""
+    """The attempt id of the admission that timed out: recorded under it, it counts once even
+    when that admission arrived late."""
+    actuals: dict[str, int] = field(default_factory=dict)
+    """The response-priced metrics' actual units: they settle the late admission's hold."""
 
 
 class Gate:
@@ -432,13 +465,15 @@ class Gate:
         operation: str,
         api_key: str | None = None,
         found: Mapping[str, int] | None = None,
+        attempt: str = "",
     ) -> Deferred | None:
         """Describe what a request let through while storage was down should record later.
 
         Response-priced metrics count what the response said (or the reserve). UpDownCounter
         units are left out: the request is over by the time they could be recorded.
         """
-        amounts = {**admission.amounts, **self.actuals(admission, response_headers, found)}
+        actuals = self.actuals(admission, response_headers, found)
+        amounts = {**admission.amounts, **actuals}
         metrics = self.config.metrics
         amounts = {
             m: v
@@ -448,7 +483,9 @@ class Gate:
         if not amounts:
             return None
         customer = admission.customer or None
-        return Deferred(customer, None if customer else api_key, amounts, operation)
+        return Deferred(
+            customer, None if customer else api_key, amounts, operation, attempt, actuals
+        )
 
 
 class KeyCache:

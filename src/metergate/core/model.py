@@ -80,13 +80,18 @@ class BalanceState:
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """What an admission left open: the hold and lease id, and the metrics to settle or end."""
+    """What an admission left open: the hold and lease id, the metrics to settle or end, and the
+    attempt id that refunds it."""
 
     customer: str
     plan: str
     hold_id: str
     estimated: Mapping[str, int]
     leased: Mapping[str, int]
+    attempt: str = ""
+    """The admission's attempt id: what a refund names."""
+    operation: str = ""
+    """The operation id of a keyed admission ('' without one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +109,8 @@ class Decision:
     assets: Mapping[str, AssetUsage] = field(default_factory=dict)
     balances: Mapping[str, int] = field(default_factory=dict)
     """Per balance charged or held: `available` after the admission."""
-    ticket: Ticket | None = None
+    ticket: Ticket | None = field(default=None, compare=False)
+    """What to settle or refund: a handle, not part of the outcome."""
     degraded: bool = False
     refused_by: tuple[str, str] | None = None
     """For a refusal by a tier: the (level, policy) of the tier that refused."""

@@ -4,7 +4,8 @@
 --       then per asset i: asset hash, asset expiry zset (pending holds and leases),
 --       then per balance j: balance hash, hold expiry zset,
 --       then the partition's usage window hash, open usage windows zset and closing zset,
---       then the partition's index of balances with open holds.
+--       then the partition's index of balances with open holds,
+--       then the attempt's undo record (what a refund undoes; any key of the slot without one).
 -- ARGV: 1 now (epoch ms), 2 operation id, 3 fingerprint, 4 operation record ttl (s), 5 customer,
 --       6 entitlement version ('' = do not check), 7 hold/lease id, 8 hold expiry (epoch ms, for
 --       estimates and their balance holds), 9 lease expiry (epoch ms, for UpDownCounter admissions),
@@ -17,12 +18,19 @@
 --         tier: from, level index,
 --         policy (N notify, O overage, G grace, R rate limit, D deny, S suspend), grace,
 --         rate limit, rate period ms, price per_unit, price per, price base;
---       then the usage window's start ms and end ms (windows of `usage_report_interval`).
+--       then the usage window's start ms and end ms (windows of `usage_report_interval`),
+--       then the attempt id ('' = no undo record: settlements and records).
 -- Units: amounts are integers of the metric's unit; prices integers of the balance's minor unit.
 -- Reply: strings: status ('200', '402', '403', '409', '429', or 'stale' when the entitlement
 --   version changed), problem slug, retry-after ms (-1 none), index of the refused asset (0 none),
 --   n, per asset: value, pending, level index, tier index, overage, throttle remaining (-1 none),
 --   suspended (0/1); then m, per balance: available, amount, held.
+--   {'void'} when a refund of this attempt came first (its client was answered 503); {'dup',
+--   hold id} when this attempt was already applied (a degraded request recorded twice).
+-- Undo record (see refund.lua), fields joined by \31: 'done', hold id, usage window start,
+--   n, per asset: metric, type, mode, period start, units added, overage added, credits
+--   charged, tiers whose base it charged (comma-separated), units held or leased; then m, per
+--   balance: name, credits charged, credits held.
 -- Facts (T and G records, settlements, lease ends) are never refused: their consequences
 -- (levels, suspension, charges, even past a balance's floor) are recorded.
 -- A SuspendUsage crossing suspends its asset only when nothing else refuses the admission: a
@@ -40,6 +48,17 @@ if not ttl or not hold_exp or not lease_exp or not n or not m or n < 1 or m < 0 
   return bad('header', 'ttl, expiries and counts must be integers, with at least one asset')
 end
 local outbox, cust_key, ledger_key = KEYS[2], KEYS[3], KEYS[4]
+local undo_key, attempt = KEYS[9 + 2 * n + 2 * m], ARGV[#ARGV]
+
+-- A refund that arrived before its admission left a tombstone: the admission never happens.
+if attempt ~= '' and undo_key then
+  local rec = redis.call('GET', undo_key)
+  if rec then
+    if string.sub(rec, 1, 4) == 'void' then return {'void'} end
+    -- the hold id the attempt was applied under, for settling what it left open
+    return {'dup', split(rec)[2] or ''}
+  end
+end
 
 -- An empty operation id means the caller will never retry: no record is kept or read.
 if op_id ~= '' then
@@ -479,12 +498,14 @@ if status == '200' then
         ovg_added = awo_units(a, a.v, a.v + a.d)
         a.ovg = a.ovg + ovg_added
       end
+      a.ovg_added = ovg_added
       -- usage.reported is aggregated here, per window, never by scanning events
       if a.d > 0 and (kind == 'C' or kind == 'T') then
         local pair = customer .. '\31' .. a.metric
         local q = redis.call('HINCRBY', uw_key, 'q\31' .. pair, a.d)
         if ovg_added > 0 then redis.call('HINCRBY', uw_key, 'o\31' .. pair, ovg_added) end
         if a.charge > 0 and bal[a.bi].exists then
+          a.charged = a.charge
           redis.call('HINCRBY', uw_key, 'c\31' .. pair, a.charge)
           a.crd = a.crd + a.charge
           w.crd = fmt(a.crd)
@@ -598,5 +619,36 @@ if status == '200' and op_id ~= '' then
     stored[i] = x
   end
   remember(KEYS[1], fp, ttl, stored)
+end
+if status == '200' and attempt ~= '' and undo_key then
+  local rec = {'done', rid, fmt(uw_start), fmt(n)}
+  for i = 1, n do
+    local a = assets[i]
+    local x = 0
+    if a.mode == 'e' or (a.kind == 'U' and a.mode == 'a') then x = a.amount end
+    local bases = {}
+    for _, k in ipairs(a.base_set) do bases[#bases + 1] = fmt(k) end
+    local d = a.d
+    if a.kind == 'U' or a.kind == 'G' or d < 0 then d = 0 end
+    rec[#rec + 1] = a.metric
+    rec[#rec + 1] = a.kind
+    rec[#rec + 1] = a.mode
+    rec[#rec + 1] = fmt(a.ps)
+    rec[#rec + 1] = fmt(d)
+    rec[#rec + 1] = fmt(a.ovg_added or 0)
+    rec[#rec + 1] = fmt(a.charged or 0)
+    rec[#rec + 1] = table.concat(bases, ',')
+    rec[#rec + 1] = fmt(x)
+  end
+  rec[#rec + 1] = fmt(m)
+  for j = 1, m do
+    local b = bal[j]
+    local charge, hold = 0, 0
+    if b.exists then charge, hold = b.charge, b.hold end
+    rec[#rec + 1] = b.name
+    rec[#rec + 1] = fmt(charge)
+    rec[#rec + 1] = fmt(hold)
+  end
+  redis.call('SET', undo_key, table.concat(rec, '\31'), 'EX', ttl)
 end
 return reply

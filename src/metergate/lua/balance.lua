@@ -7,18 +7,23 @@
 --       7 balance name, 8 amount, 9 reservation id, 10 reservation expiry (epoch ms),
 --       11 unit, 12 overage, 13 low_at ('' = none), 14 only-if-missing ('1' leaves an existing
 --       balance's settings alone; absent or '0' updates them) (11-14: create only).
+--       Operation `cancel` (a reservation whose reply was lost) takes that reservation's
+--       operation record as KEYS[1].
 -- Amounts are integers of the balance's minor unit; `available = amount - held`.
 -- Reply: strings: status ('200', '402', '403', '404', '409'), problem slug, amount, held,
---   available, overage, suspended (0/1), unit, low_at ('' none), the amount the operation moved.
+--   available, overage, suspended (0/1), unit, low_at ('' none), the amount the operation moved,
+--   and for reserve the hold's expiry (epoch ms).
+-- The fingerprint covers every parameter (the caller includes the reservation id and ttl), so the
+-- same operation id with anything else is a 409 conflict, decided here, atomically.
 -- Malformed arguments get the error reply 'invalid <field>: <why>' before anything is written.
 
 local now, ttl, amount, expiry = int(ARGV[1]), int(ARGV[4]), int(ARGV[8]), int(ARGV[10])
 local op_id, fp, customer, op, name, rid = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[9]
 local outbox, cust_key, ledger_key, bkey, bxkey = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local known = {create = true, topup = true, withdraw = true, suspend = true, resume = true,
-  reserve = true, commit = true, release = true, read = true}
+  reserve = true, commit = true, release = true, read = true, cancel = true}
 local positive = {topup = true, withdraw = true, reserve = true}
-local holds = {reserve = true, commit = true, release = true}
+local holds = {reserve = true, commit = true, release = true, cancel = true}
 if not now then return bad('now', 'must be an integer of epoch ms') end
 if not ttl or ttl < 1 then return bad('ttl', 'must be a positive integer of seconds') end
 if not expiry then return bad('expiry', 'must be an integer of epoch ms') end
@@ -35,8 +40,19 @@ if op == 'create' then
   end
 end
 
-local prior = replay(KEYS[1], fp)
-if prior then return prior end
+-- cancel: undo a reservation whose reply was lost. KEYS[1] is then that reservation's operation
+-- record: a tombstone there makes the reservation, should it arrive later, a conflict that holds
+-- nothing; if it already ran, its hold is released.
+if op == 'cancel' then
+  if redis.call('SET', KEYS[1], 'void', 'NX', 'EX', ttl) then
+    return {'200', 'voided', '0', '0', '0', '0', '0', '', '', '0'}
+  end
+  op = 'release'
+  KEYS[1] = ''
+else
+  local prior = replay(KEYS[1], fp)
+  if prior then return prior end
+end
 
 local exists = redis.call('EXISTS', bkey) == 1
 local status, slug, moved = '200', '', 0
@@ -145,5 +161,7 @@ local sflag = '0'
 if susp then sflag = '1' end
 local reply = {status, slug, fmt(amt), fmt(held), fmt(amt - held), fmt(ovg), sflag,
   redis.call('HGET', bkey, 'unit') or '', redis.call('HGET', bkey, 'low') or '', fmt(moved)}
+-- a reservation's expiry travels with its reply, so a replay returns the first one
+if op == 'reserve' then reply[#reply + 1] = fmt(expiry) end
 if status == '200' and op ~= 'read' and op ~= 'create' then remember(KEYS[1], fp, ttl, reply) end
 return reply

@@ -97,10 +97,32 @@ local function iso_utc(ms)
     math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
 end
 
+-- The ledger keeps its newest 10,000 lines. What a trim drops is carried, not lost: one line of
+-- kind `carried` per balance at the tail holds the sum of the dropped deltas (the `initial` line
+-- included), so `amount == sum of the ledger's deltas` stays checkable from storage alone.
 local function push_line(ledger_key, line)
   local length = redis.call('LPUSH', ledger_key, line)
   -- trimmed in batches of 100, not on every entry
-  if length > 10100 then redis.call('LTRIM', ledger_key, 0, 9999) end
+  if length <= 10100 then return end
+  local sums, names = {}, {}
+  local last = 0
+  for _, row in ipairs(redis.call('LRANGE', ledger_key, 9999, -1)) do
+    local e = cjson.decode(row)
+    local name = e.balance
+    if sums[name] == nil then
+      sums[name] = 0
+      names[#names + 1] = name
+    end
+    sums[name] = sums[name] + e.delta
+    if e.time > last then last = e.time end
+  end
+  redis.call('LTRIM', ledger_key, 0, 9998)
+  table.sort(names)
+  for _, name in ipairs(names) do
+    redis.call('RPUSH', ledger_key, string.format(
+      '{"op":"carried","kind":"carried","balance":%s,"delta":%s,"time":%s}',
+      cjson.encode(name), fmt(sums[name]), fmt(last)))
+  end
 end
 
 -- Usage charges add up per usage report window in the balance hash (uw window start ms, ud delta,

@@ -9,7 +9,7 @@ from importlib.resources import files
 
 __all__ = ["SCRIPT_NAMES", "LuaScript", "load_script"]
 
-SCRIPT_NAMES = ("admit", "asset", "balance", "customer")
+SCRIPT_NAMES = ("admit", "asset", "balance", "customer", "refund")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,215 @@
+"""Fixtures of the integrity suite: `metergate serve` as a real process over a real Redis, in
+front of an upstream that counts what reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.adapters.harness import serve_asgi
+
+from conftest import RedisProcess, free_port
+from metergate.config import hash_api_key
+
+TOKEN = "integrity-admin-token-0123"
+PRICE = 1
+
+
+def key_of(customer: str) -> str:
+    """The API key of a customer of `gateway_config`."""
+    return f"key-of-{customer}"
+
+
+def auth(customer: str = "c") -> dict[str, str]:
+    """The Authorization header of a customer."""
+    return {"authorization": f"Bearer {key_of(customer)}"}
+
+
+@dataclass
+class Upstream:
+    """An ASGI upstream counting the requests that reach it, by path."""
+
+    hits: list[str] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        path = scope["path"]
+        self.hits.append(path)
+        status = 200
+        if path.startswith("/v1/fail") or path.startswith("/v1/free-fail"):
+            status = 500
+        elif path.startswith("/v1/missing"):
+            status = 404
+        elif path.startswith("/v1/slow"):
+            await asyncio.sleep(float(dict(scope["headers"]).get(b"x-sleep", b"3")))
+        out = json.dumps({"path": path, "body": len(body), "n": len(self.hits)}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": out})
+
+
+def gateway_config(
+    upstream: str, redis_url: str, customers: dict[str, int], **storage: Any
+) -> dict[str, Any]:
+    """One priced metric (`calls`, PRICE credit each) on routes with various refund rules."""
+    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": PRICE}}
+    return {
+        "storage": {"url": redis_url, "timeout_ms": 1000, **storage},
+        "metrics": {"calls": {"type": "CumulativeCounter"}},
+        "plans": {
+            "p": {"assets": {"calls": {"period": "month", "balance": "credits", "tiers": [tier]}}}
+        },
+        "customers": {
+            name: {
+                "entitlement": {"plan": "p"},
+                "balances": {"credits": {"amount": amount}},
+                "api_keys": [hash_api_key(key_of(name))],
+            }
+            for name, amount in customers.items()
+        },
+        "routes": [
+            {"path": "/v1/free-fail", "meter": [{"metric": "calls"}], "refund_on": []},
+            {"path": "/v1/missing/{x}", "meter": [{"metric": "calls"}], "refund_on": ["4xx"]},
+            {"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}]},
+        ],
+        "proxy": {"upstream": upstream, "timeout_s": 1, "max_body_bytes": 1000},
+        "admin": {"token": TOKEN},
+    }
+
+
+@dataclass
+class Served:
+    """A running `metergate serve`: its proxy and admin URLs and its process."""
+
+    proxy: str
+    admin: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def metrics(self) -> str:
+        """The Prometheus text of the admin port."""
+        return httpx.get(
+            f"{self.admin}/metrics", headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+        ).text
+
+    def unknown(self) -> int:
+        """The value of metergate_admissions_unknown_total."""
+        for line in self.metrics().splitlines():
+            if line.startswith("metergate_admissions_unknown_total"):
+                return int(float(line.split()[-1]))
+        return 0
+
+
+@contextmanager
+def serve(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
+    """Run `metergate serve` with `config` in a subprocess until the block ends."""
+    path = tmp_path / f"gateway-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(config))
+    log = path.with_suffix(".log")
+    port, admin_port = free_port(), free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "metergate",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(port),
+                "--admin-port",
+                str(admin_port),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"metergate serve did not start:\n{log.read_text()}") from None
+            time.sleep(0.05)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc, log)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[str, Upstream]]:
+    """The counting upstream on a free port."""
+    app = Upstream()
+    with serve_asgi(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone that keeps its data across a kill and restart (AOF)."""
+    server = RedisProcess(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "no")
+    server.start()
+    yield server
+    server.stop()
+
+
+@contextmanager
+def paused(server: RedisProcess) -> Iterator[None]:
+    """SIGSTOP the server for the block; SIGCONT it whatever happens."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def admin(served: Served, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """Call the admin API of a running gateway."""
+    headers = {"authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})}
+    return httpx.request(method, f"{served.admin}{path}", headers=headers, timeout=10, **kwargs)
+
+
+def books(served: Served, customer: str) -> tuple[int, int, int, int]:
+    """Return (calls value, balance amount, held, sum of the ledger's deltas) of a customer."""
+    usage = admin(served, "GET", f"/v1/customers/{customer}/usage").json()
+    assert "metrics" in usage, (usage, served.log.read_text()[-3000:])
+    balance = admin(served, "GET", f"/v1/customers/{customer}/balances/credits").json()
+    ledger = admin(served, "GET", f"/v1/customers/{customer}/ledger?limit=10000").json()
+    total = sum(e["delta"] for e in ledger["entries"])
+    return usage["metrics"]["calls"]["value"], balance["amount"], balance["held"], total
