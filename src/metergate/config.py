@@ -270,6 +270,8 @@ class AssetConfig(_Model):
     period: PeriodName | None = None
     balance: str | None = None
     tiers: list[TierConfig] = Field(min_length=1)
+    strict: bool = False
+    """Decide every admission of this asset in storage, never from an allowance."""
 
 
 class PlanConfig(_Model):
@@ -429,6 +431,22 @@ class IdempotencyConfig(_Model):
     """Responses with a larger body are not stored: a retry is forwarded and metered as new."""
 
 
+class AllowancesConfig(_Model):
+    """Per-process allowances taken from storage in advance (SPEC section 2, local allowances).
+
+    This release decides every admission in storage, per request, which is what the allowance
+    rules fall back to at every boundary: the settings are validated and kept, and limits are
+    exact either way. See the README's "Allowances" note."""
+
+    enabled: bool = False
+    flush_ms: Annotated[StrictInt, Field(gt=0, le=3_600_000)] = 250
+    """Used units are counted and charged at least this often."""
+    max_units: Annotated[StrictInt, Field(gt=0, le=MAX_SAFE_INT)] = 1000
+    """The most units one allowance holds."""
+    ttl: DurationMs = 2000
+    """An abandoned allowance returns to the quota after this."""
+
+
 class AdminConfig(_Model):
     """The admin API."""
 
@@ -451,6 +469,7 @@ class GatewayConfig(_Model):
     admin: AdminConfig = AdminConfig()
     stripe: StripeConfig | None = None
     idempotency: IdempotencyConfig = IdempotencyConfig()
+    allowances: AllowancesConfig = AllowancesConfig()
 
 
 def hash_api_key(key: str) -> str:
