@@ -193,6 +193,10 @@ class MeteringMiddleware:
             future.exception()  # retrieved: a failure nobody waited for is not logged as lost
 
     async def _lookup(self, key: str, now: float) -> str | None:
+        # Connecting and loading the configured customers happen once per process, shared and
+        # bounded call by call: a slow start-up (a busy machine) must not spend, all at once,
+        # the budget of every request waiting for this lookup.
+        await self.meter.start()
         async with asyncio.timeout(self.timeout_s):
             customer = await self.meter.customer_for_key(key)
         if customer is not None:
@@ -304,6 +308,9 @@ class MeteringMiddleware:
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 self.meter.reopen()  # a lifespan may start again after a shutdown
+                # Connect and load the customers now rather than in the first requests.
+                starting = asyncio.ensure_future(self.meter.start())
+                starting.add_done_callback(_started)
             if message["type"] == "lifespan.shutdown.complete":
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes
@@ -315,6 +322,15 @@ class MeteringMiddleware:
             await send(message)
 
         await self.app(scope, receive, wrapped_send)
+
+
+def _started(task: asyncio.Future[None]) -> None:
+    """Done callback of the start-up connect: a failure is logged; requests try again."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logger.warning("metergate: storage is not ready at start-up (%s); requests will retry", exc)
 
 
 def _unauthenticated() -> Decision:
