@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,9 +27,16 @@ import redis.asyncio
 import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterCrossSlotError,
     ClusterDownError,
     ClusterError,
+    ExecAbortError,
+    MasterDownError,
     MaxConnectionsError,
+    MovedError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -49,13 +56,33 @@ from metergate.storage.scripts import load_script
 __all__ = ["AsyncStorage", "SyncStorage", "UnsafeStorage", "open_async", "open_sync"]
 
 # An error reply of the lean blocking client becomes what redis-py raises for it (the same class,
-# the same message), so that `_error` maps both clients' errors alike.
-try:
-    from redis._parsers.base import BaseParser
+# the same message), so that `_error` maps both clients' errors alike. redis-py's own table is in a
+# private module; these are the codes a script call can meet, with redis-py's public classes.
+_REPLY_CLASSES: dict[str, type[Exception]] = {
+    "OOM": OutOfMemoryError,
+    "NOSCRIPT": NoScriptError,
+    "READONLY": ReadOnlyError,
+    "LOADING": BusyLoadingError,
+    "EXECABORT": ExecAbortError,
+    "NOPERM": NoPermissionError,
+    "TRYAGAIN": TryAgainError,
+    "CLUSTERDOWN": ClusterDownError,
+    "CROSSSLOT": ClusterCrossSlotError,
+    "MASTERDOWN": MasterDownError,
+    "ASK": AskError,
+    "MOVED": MovedError,
+}
 
-    _reply_error: Callable[[str], Exception] = BaseParser.parse_error
-except ImportError:  # a redis-py without it: the error code stays in the message
-    _reply_error = redis.ResponseError
+
+def _reply_error(text: str) -> Exception:
+    """The exception redis-py raises for the error reply `text`: a known code selects the class
+    and is dropped from the message ("ERR" too); an unknown one stays in a ResponseError's."""
+    code, space, rest = text.partition(" ")
+    if space and code == "ERR":
+        return redis.ResponseError(rest)
+    known = _REPLY_CLASSES.get(code) if space else None
+    return known(rest) if known is not None else redis.ResponseError(text)
+
 
 logger = logging.getLogger("metergate")
 
