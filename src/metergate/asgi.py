@@ -85,6 +85,8 @@ class MeteringMiddleware:
         # back.
         self._deferred: deque[Deferred] = deque(maxlen=DEGRADED_BUFFER)
         self._drain_task: asyncio.Task[None] | None = None
+        # The start-up connect (kept referenced: the event loop holds tasks only weakly).
+        self._starting: asyncio.Future[None] | None = None
         # Settlements that outlive their request (client gone, task cancelled) are kept here so
         # the event loop does not drop them half-way.
         self._settling: set[asyncio.Future[None]] = set()
@@ -309,8 +311,8 @@ class MeteringMiddleware:
             if message["type"] == "lifespan.startup.complete":
                 self.meter.reopen()  # a lifespan may start again after a shutdown
                 # Connect and load the customers now rather than in the first requests.
-                starting = asyncio.ensure_future(self.meter.start())
-                starting.add_done_callback(_started)
+                self._starting = asyncio.ensure_future(self.meter.start())
+                self._starting.add_done_callback(_started)
             if message["type"] == "lifespan.shutdown.complete":
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes
