@@ -84,7 +84,14 @@ class RedisProcess:
             while True:
                 try:
                     # the answer must come from our process, not another one on a reused port
-                    return int(client.info("server")["process_id"]) == self.proc.pid
+                    if int(client.info("server")["process_id"]) != self.proc.pid:
+                        return False
+                    # INFO answers while the AOF is still loading; every other command does not
+                    if not int(client.info("persistence").get("loading", 0)):
+                        return True
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("redis-server did not finish loading its data")
+                    time.sleep(0.02)
                 except redis.ConnectionError:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
                         self.proc.kill()

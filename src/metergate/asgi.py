@@ -95,6 +95,8 @@ class MeteringMiddleware:
         # Refunds of admissions whose reply was lost, and requests let through while storage was
         # down (`on_failure: open`): a background task runs them as soon as storage answers.
         self.recovery = Recovery(self.meter)
+        # The start-up connect (kept referenced: the event loop holds tasks only weakly).
+        self._starting: asyncio.Future[None] | None = None
         # Settlements that outlive their request (client gone, task cancelled) are kept here so
         # the event loop does not drop them half-way.
         self._settling: set[asyncio.Future[None]] = set()
@@ -375,6 +377,10 @@ class MeteringMiddleware:
             future.exception()  # retrieved: a failure nobody waited for is not logged as lost
 
     async def _lookup(self, key: str, now: float) -> str | None:
+        # Connecting and loading the configured customers happen once per process, shared and
+        # bounded call by call: a slow start-up (a busy machine) must not spend, all at once,
+        # the budget of every request waiting for this lookup.
+        await self.meter.start()
         async with asyncio.timeout(self.timeout_s):
             customer = await self.meter.customer_for_key(key)
         if customer is not None:
@@ -499,6 +505,9 @@ class MeteringMiddleware:
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 self.meter.reopen()  # a lifespan may start again after a shutdown
+                # Connect and load the customers now rather than in the first requests.
+                self._starting = asyncio.ensure_future(self.meter.start())
+                self._starting.add_done_callback(_started)
             if message["type"] == "lifespan.shutdown.complete":
                 if self._settling:
                     # settlements of responses that just ended, before their connection closes
@@ -508,6 +517,15 @@ class MeteringMiddleware:
             await send(message)
 
         await self.app(scope, receive, wrapped_send)
+
+
+def _started(task: asyncio.Future[None]) -> None:
+    """Done callback of the start-up connect: a failure is logged; requests try again."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logger.warning("metergate: storage is not ready at start-up (%s); requests will retry", exc)
 
 
 def _unauthenticated() -> Decision:

@@ -25,6 +25,13 @@ M = TypeVar("M", bound=BaseModel)
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Done callback of a set-up whose callers may all have stopped waiting: its failure reached
+    whoever still waited, and is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _validated(model: type[M], spec: Any, field: str) -> M:
     """Validate an input model, raising InvalidAmount naming the first bad field."""
     if isinstance(spec, model):
@@ -249,8 +256,33 @@ class AsyncMeter:
         self.config = as_config(config)
         self.core = MeterCore(self.config, clock or time.time)
         self.storage = storage or open_async(self.config.storage)
-        self._bootstrap_lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
         self._closed = False
+
+    async def start(self) -> None:
+        """Connect to storage and load the configured customers, once, shared by every caller.
+
+        The first call of a process does this itself; a server calls it at start-up so that the
+        first requests find it done. The set-up is a task of its own: a caller that stops waiting
+        (a request out of budget) leaves it running for the others, so that a slow start delays
+        the first requests instead of failing all of them. Each storage call in it is bounded by
+        its own timeout; a set-up that failed is tried again by the next caller.
+        """
+        if self.core.bootstrapped:
+            return
+        if self._closed:
+            raise StorageUnavailable("this meter is closed")
+        loop = asyncio.get_running_loop()
+        task = self._starting
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._starting = loop.create_task(self._start())
+            task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
+    async def _start(self) -> None:
+        await self.storage.start()
+        if not self.core.bootstrapped:
+            await self._run(self.core.bootstrap())
 
     async def _drive(self, flow: Flow[T]) -> T:
         if self._closed:
@@ -259,10 +291,7 @@ class AsyncMeter:
             flow.close()
             raise StorageUnavailable("this meter is closed")
         if not self.core.bootstrapped:
-            # one task loads the configured customers; the others wait instead of repeating it
-            async with self._bootstrap_lock:
-                if not self.core.bootstrapped:
-                    await self._run(self.core.bootstrap())
+            await self.start()
         return await self._run(flow)
 
     async def _run(self, flow: Flow[T]) -> T:
@@ -431,6 +460,11 @@ class AsyncMeter:
     async def aclose(self) -> None:
         """Close the storage connections; later calls raise StorageUnavailable until `reopen`."""
         self._closed = True
+        task, self._starting = self._starting, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait([task])  # unlike `await task`, keeps our own cancellation
         await self.storage.aclose()
 
     def reopen(self) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from conftest import RedisProcess
 from metergate import AsyncMeter, Meter, StorageUnavailable
@@ -81,9 +83,11 @@ def test_async_lost_reply_is_outcome_unknown_and_a_keyed_retry_debits_once(
 
 
 def test_the_proxy_sees_the_resends_of_a_client_that_retries(proxy: FaultProxy) -> None:
-    """As a control, redis-py's default client (10 retries) re-sends a script whose reply was lost
-    and the proxy counts both sends."""
-    client = redis.Redis(port=proxy.port)
+    """As a control, a redis-py client with retries (the default since redis-py 6) re-sends a
+    script whose reply was lost and the proxy counts both sends."""
+    client = redis.Redis(
+        port=proxy.port, retry=Retry(NoBackoff(), 10), retry_on_error=[redis.ConnectionError]
+    )
     try:
         sha = client.script_load("return redis.call('INCR', KEYS[1])")
         proxy.arm("drop", "EVALSHA")

@@ -146,7 +146,8 @@ def gateway_config(upstream: str, **proxy: Any) -> dict[str, Any]:
             {"path": "/open", "meter": []},
             {"path": "/{rest:path}", "meter": [{"metric": "calls"}]},
         ],
-        "proxy": {"upstream": upstream, "timeout_s": 1, "max_body_bytes": 1000, **proxy},
+        # Below /slow's 3 s, with room for a busy machine's upstream to answer the others.
+        "proxy": {"upstream": upstream, "timeout_s": 2, "max_body_bytes": 1000, **proxy},
     }
 
 
@@ -295,6 +296,10 @@ def test_response_priced_usage_is_settled_through_the_proxy(gateway: tuple[str, 
     url, meter = gateway
     r = httpx.post(f"{url}/chat", headers=auth(), content=b"{}")
     assert r.status_code == 200
+    # Settled once the last byte has gone out: the client may read the response first.
+    deadline = time.monotonic() + 10
+    while meter.usage("c", "tokens")["value"] != 120 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert meter.usage("c", "tokens")["value"] == 120
     balance = meter.balance("c", "credits")
     assert (balance.amount, balance.held) == (10_000 - 120, 0)

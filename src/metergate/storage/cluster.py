@@ -3,8 +3,9 @@
 A call goes to the primary serving the slot of its first key (CRC16 of the key's hash tag, modulo
 16384; for EVAL, EVALSHA and FCALL the first key follows the key count), on that primary's
 PipelinedConnection. Every key of one customer shares a hash tag, so each admission script touches
-one slot and one node. The slot map is read with CLUSTER SLOTS from any reachable node: at first
-use, after a MOVED reply, and after a node failed.
+one slot and one node. The slot map is read with CLUSTER SLOTS from any reachable node: by
+`connect` (a server's start-up, outside any call's budget) or at first use, after a MOVED reply,
+and after a node failed.
 
 Failure handling. A call is sent again only when Redis certainly did not run it:
 
@@ -131,10 +132,6 @@ class _Node(PipelinedConnection):
             return protocol
         return None
 
-    async def connect(self, timeout: float | None) -> None:
-        """Connect unless connected; StorageUnavailable if that fails (nothing was sent)."""
-        await self._get(timeout)
-
     async def call_asking(self, args: tuple[str | bytes, ...], timeout: float | None) -> Any:
         """Send ASKING and then the call, adjacent on this connection; return the call's reply."""
         protocol = await self._get(timeout)
@@ -218,6 +215,19 @@ class PipelinedCluster:
         """The "host:port" of the node serving `slot` as far as the client knows."""
         node = self._slots[slot]
         return None if node is None else node.address
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Read the slot map and connect to every primary, ahead of the first calls.
+
+        StorageUnavailable when the map cannot be read in time; a primary that cannot be
+        connected to is left to the calls that need it (which re-read the map, as always).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self._refresh(deadline)
+        left = _remaining(deadline)
+        await asyncio.gather(
+            *(node.connect(left) for node in self._owners()), return_exceptions=True
+        )
 
     async def call(self, *args: str | bytes, timeout: float | None = None) -> Any:
         """Send one command to the node serving its first key and return its reply.

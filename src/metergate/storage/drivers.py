@@ -15,6 +15,7 @@ charge twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -32,7 +33,7 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
-    SlotNotCoveredError,
+    RedisClusterException,
     TryAgainError,
 )
 from redis.retry import Retry
@@ -54,7 +55,9 @@ _reply_error: Callable[[str], Exception] = reply_error
 
 logger = logging.getLogger("metergate")
 
-_NETWORK_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, SlotNotCoveredError)
+# RedisClusterException: the Cluster client could not reach any startup node ("Redis Cluster
+# cannot be connected"), or found no node for a slot (SlotNotCoveredError, a subclass).
+_NETWORK_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException)
 # Error replies meaning "this Redis cannot serve the command right now"; none of them ran it.
 _STATE_ERRORS = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError, ClusterError)
 _STATE_CODES = frozenset(
@@ -303,6 +306,14 @@ class AsyncStorage:
         # The asyncio Cluster client fails a call at once (MaxConnectionsError) when a node's
         # pool is exhausted: calls beyond `max_in_flight` wait here instead, for a bounded time.
         self._gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+
+    async def start(self) -> None:
+        """Open the hot path's connections ahead of the first call (a Cluster's slot map too),
+        so that no request's budget pays for them. Best effort: a node that cannot be reached
+        now is connected to, or reported, by the call that needs it."""
+        if self.pipelined is not None:
+            with contextlib.suppress(StorageUnavailable):
+                await self.pipelined.connect(None)  # bounded by its own connect timeout
 
     async def _check(self) -> None:
         # Tasks racing through the first call may each read the policy once: harmless.

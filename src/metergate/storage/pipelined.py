@@ -203,6 +203,10 @@ class PipelinedConnection:
             if not future.cancelled():
                 handle.cancel()
 
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect unless connected; StorageUnavailable if that fails (nothing was sent)."""
+        await self._get(timeout)
+
     async def call(self, *args: str | bytes, timeout: float | None = None) -> Any:
         """Send one command and return its reply (an error reply raises RedisReplyError).
 
