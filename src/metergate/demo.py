@@ -1,8 +1,9 @@
 """`metergate demo`: a sample upstream, the gateway on the embedded backend, and a guided walk.
 
 One customer is walked through every level and policy: a throttle, overage, a hard limit, a grace
-limit on response-priced tokens, a suspension, running out of credit and a top-up, a reservation,
-and the signed webhooks the billing provider would receive.
+limit on tokens priced from the response body (an OpenAI-style completion's `usage`, as JSON or as
+the last event of a stream), a suspension, running out of credit and a top-up, a reservation, and
+the signed webhooks the billing provider would receive.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from metergate.config import GatewayConfig, parse_config
@@ -123,12 +124,14 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
             },
             "routes": [
                 {
+                    # Hold 500 tokens while the model works, then charge what the completion's
+                    # `usage` says: the JSON body's, or the last event's of a stream.
                     "path": "/v1/chat",
                     "methods": ["POST"],
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
+                            "cost": {"response_json": "/usage/total_tokens", "reserve": 500},
                         },
                     ],
                 },
@@ -139,7 +142,7 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
+                            "cost": {"response_json": "/usage/total_tokens", "reserve": 500},
                         }
                     ],
                 },
@@ -159,12 +162,55 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
     )
 
 
+REPLY = "hello from the upstream"
+
+
+def _usage(request: dict[str, Any]) -> dict[str, int]:
+    """The sample model's `usage`: a token per word of the prompt, and it writes `max_tokens`."""
+    messages = request.get("messages") or []
+    prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+    completion = request.get("max_tokens", 300)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _events(usage: dict[str, int]) -> AsyncIterator[bytes]:
+    """An OpenAI-style streamed completion: a chunk per word, a last chunk carrying `usage`
+    (as `stream_options: {include_usage: true}` asks), then `data: [DONE]`."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        base = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "model": "demo-1"}
+        for i, word in enumerate(REPLY.split()):
+            delta = {"content": word if i == 0 else " " + word}
+            chunk = {**base, "choices": [{"index": 0, "delta": delta}], "usage": None}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            await asyncio.sleep(0.01)
+        last = {**base, "choices": [], "usage": usage}
+        yield b"data: " + json.dumps(last).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return stream()
+
+
 def _upstream() -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.body()
-        tokens = 300 + 37 * (len(body) % 11)
+        asked = json.loads(body) if body else {}
+        usage = _usage(asked)
+        if asked.get("stream") is True:
+            return StreamingResponse(_events(usage), media_type="text/event-stream")
+        message = {"role": "assistant", "content": REPLY}
         return JSONResponse(
-            {"reply": "hello from the upstream"}, headers={"X-Usage-Tokens": str(tokens)}
+            {
+                "id": "chatcmpl-demo",
+                "object": "chat.completion",
+                "model": "demo-1",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": usage,
+            }
         )
 
     async def anything(request: Request) -> Response:
@@ -190,6 +236,8 @@ class Step:
     value: str = ""
     balance: str = ""
     expected: int = 200
+    tokens: str = ""
+    charged: str = ""
 
     @property
     def as_intended(self) -> bool:
@@ -214,22 +262,61 @@ class Walk:
         self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
     ) -> httpx.Response:
         response = await self.proxy.request(method, path, **kwargs)
+        self._record(what, response, expect)
+        return response
+
+    def _record(self, what: str, response: httpx.Response, expect: int, **extra: str) -> None:
         problem: dict[str, Any] = {}
         if response.headers.get("content-type") == "application/problem+json":
             problem = response.json()
-        self.steps.append(
-            Step(
-                what,
-                response.status_code,
-                problem.get("type", "").rsplit(":", 1)[-1],
-                response.headers.get("metergate-level", ""),
-                response.headers.get("ratelimit", "")[:40],
-                response.headers.get("metergate-balance", ""),
-                expect,
-            )
+        step = Step(
+            what,
+            response.status_code,
+            problem.get("type", "").rsplit(":", 1)[-1],
+            response.headers.get("metergate-level", ""),
+            response.headers.get("ratelimit", "")[:40],
+            response.headers.get("metergate-balance", ""),
+            expect,
         )
+        for name, value in extra.items():
+            setattr(step, name, value)
+        self.steps.append(step)
         self.render()
-        return response
+
+    async def chat(
+        self, what: str, tokens: int, *, stream: bool, path: str = "/v1/chat", expect: int = 200
+    ) -> None:
+        """Ask for a completion of `tokens` tokens in all, as JSON or streamed, and show the tokens
+        its `usage` reported (read here, from the body) beside the credits the gateway charged."""
+        prompt = "Say hello"
+        body: dict[str, Any] = {
+            "model": "demo-1",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens - len(prompt.split()),
+        }
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        before = await self._credits()
+        reported: int | None = None
+        async with self.proxy.stream("POST", path, json=body) as response:
+            kind = response.headers.get("content-type", "")
+            if response.status_code == 200 and kind.startswith("text/event-stream"):
+                # the last event carrying `usage` wins; `data: [DONE]` ends the stream
+                async for line in response.aiter_lines():
+                    data = line.removeprefix("data:").strip()
+                    if line.startswith("data:") and data != "[DONE]":
+                        usage = json.loads(data).get("usage")
+                        if usage:
+                            reported = int(usage["total_tokens"])
+            else:
+                await response.aread()
+                if response.status_code == 200 and kind.startswith("application/json"):
+                    reported = int(response.json()["usage"]["total_tokens"])
+        after = await self._credits()
+        extra = {"balance": str(after)}
+        if reported is not None:
+            extra.update(tokens=str(reported), charged=str(before - after))
+        self._record(what, response, expect, **extra)
 
     async def act(
         self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
@@ -261,25 +348,25 @@ class Walk:
         for i in range(4):
             await self.call(f"call {11 + i}: OverUsage, priced as overage", "GET", things)
         await self.call("call 15: past the Deny limit", "GET", things, expect=429)
-        for i in range(3):
-            await self.call(
-                "chat: tokens priced from the response", "POST", "/v1/chat", content=b"hi" * i
-            )
+        for what, tokens, stream in (
+            ("chat, streamed: usage from its last event", 400, True),
+            ("chat, JSON: usage.total_tokens of the body", 374, False),
+            ("chat, streamed: usage from its last event", 348, True),
+        ):
+            await self.chat(what, tokens, stream=stream)
         await self.act(
             "top up 500 credits (admin API)",
             "POST",
             "/v1/customers/acme/balances/credits/topup",
             json={"amount": 500},
         )
-        for i, what in enumerate(
-            (
-                "chat: more tokens",
-                "chat: more tokens",
-                "chat: crossing into the grace tier",
-                "chat: inside the grace tier, admitted",
-            )
+        for what, tokens, stream in (
+            ("chat, JSON: more tokens", 300, False),
+            ("chat, streamed: more tokens", 337, True),
+            ("chat, streamed: into the grace tier", 374, True),
+            ("chat, JSON: inside the grace tier, admitted", 411, False),
         ):
-            await self.call(what, "POST", "/v1/chat", content=b"x" * i)
+            await self.chat(what, tokens, stream=stream)
         held = await self.act(
             "reserve 50 credits for 60 s",
             "POST",
@@ -310,12 +397,17 @@ class Walk:
             "/v1/customers/acme/balances/credits/withdraw",
             json={"amount": await self._available()},
         )
-        await self.call("completion drawing on the overage", "POST", "/v1/complete")
-        await self.call("completion with no credit left", "POST", "/v1/complete", expect=402)
+        await self.chat("completion drawing on the overage", 300, stream=False, path="/v1/complete")
+        await self.chat(
+            "completion with no credit left", 300, stream=False, path="/v1/complete", expect=402
+        )
+
+    async def _credits(self) -> int:
+        response = await self.admin.get("/v1/customers/acme/balances/credits")
+        return int(response.json()["available"])
 
     async def _available(self) -> int:
-        response = await self.admin.get("/v1/customers/acme/balances/credits")
-        return max(1, int(response.json()["available"]))
+        return max(1, await self._credits())
 
     async def aclose(self) -> None:
         await self.proxy.aclose()
@@ -336,7 +428,7 @@ def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = N
     """The walk so far: every step, or only the `last` ones (a live view fits the screen)."""
     table = Table(title="metergate demo: customer acme on plan 'demo'", expand=False)
     table.add_column("step", no_wrap=True, max_width=44)
-    for column in ("status", "problem", "level", "RateLimit", "credits"):
+    for column in ("status", "problem", "level", "RateLimit", "credits", "tokens", "charged"):
         table.add_column(column, no_wrap=True, max_width=28)
     steps = walk.steps if walk else []
     for step in steps[-last:] if last else steps:
@@ -348,6 +440,8 @@ def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = N
             step.level,
             step.value,
             step.balance,
+            step.tokens,
+            step.charged,
         )
     kinds: dict[str, int] = {}
     for event in events:
@@ -359,7 +453,7 @@ def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = N
 
 async def run_demo(*, keep_running: bool = False, console: Console | None = None) -> int:
     """Run the whole demo; return the process exit status."""
-    console = console or Console(width=None if Console().is_terminal else 140)
+    console = console or Console(width=None if Console().is_terminal else 160)
     upstream_port, webhook_port, port, admin_port = (_free_port() for _ in range(4))
     config = demo_config(upstream_port, webhook_port)
     events: list[dict[str, Any]] = []
@@ -409,6 +503,11 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
             )
     else:
         console.print(f"All {len(walk.steps)} steps answered as intended.")
+    console.print(
+        "tokens: what each completion's `usage` reported, in its JSON body or in the last event of"
+        " its stream;\ncharged: the credits the gateway drew for them (1 per 100 tokens, 2 in the"
+        " grace tier)."
+    )
     console.print(
         f"\n[bold]{len(events)}[/] signed webhooks delivered to http://127.0.0.1:{webhook_port}/billing"
     )
