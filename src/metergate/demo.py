@@ -424,25 +424,31 @@ async def _receiver(received: list[dict[str, Any]], port: int) -> Any:
     return _server(app, "127.0.0.1", port)
 
 
-def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = None) -> Table:
-    """The walk so far: every step, or only the `last` ones (a live view fits the screen)."""
+def _table(
+    walk: Walk | None, events: list[dict[str, Any]], last: int | None = None, width: int = 160
+) -> Table:
+    """The walk so far: every step, or only the `last` ones (a live view fits the screen).
+
+    Every number keeps its full width; on a narrow terminal the step names are shortened and
+    then the RateLimit column (the header as sent, the least needed to follow the walk) is left out.
+    """
     table = Table(title="metergate demo: customer acme on plan 'demo'", expand=False)
-    table.add_column("step", no_wrap=True, max_width=44)
+    numbers = {"status": 6, "problem": 20, "level": 9, "credits": 7, "tokens": 6, "charged": 7}
+    room = width - sum(numbers.values()) - 3 * (len(numbers) + 1) - 1
+    rate = min(28, room - 44 - 3)
+    table.add_column("step", no_wrap=True, max_width=max(16, min(44, room)))
     for column in ("status", "problem", "level", "RateLimit", "credits", "tokens", "charged"):
-        table.add_column(column, no_wrap=True, max_width=28)
+        if column == "RateLimit":
+            if rate >= 12:
+                table.add_column(column, no_wrap=True, max_width=rate)
+        else:
+            table.add_column(column, no_wrap=True, max_width=numbers[column])
     steps = walk.steps if walk else []
     for step in steps[-last:] if last else steps:
         color = "green" if str(step.status).startswith("2") else "red"
-        table.add_row(
-            step.what,
-            f"[{color}]{step.status}[/]",
-            step.problem,
-            step.level,
-            step.value,
-            step.balance,
-            step.tokens,
-            step.charged,
-        )
+        cells = [step.what, f"[{color}]{step.status}[/]", step.problem, step.level]
+        cells += [step.value] if rate >= 12 else []
+        table.add_row(*cells, step.balance, step.tokens, step.charged)
     kinds: dict[str, int] = {}
     for event in events:
         kinds[event.get("type", "?")] = kinds.get(event.get("type", "?"), 0) + 1
@@ -476,24 +482,33 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
     walk: Walk | None = None
     # A terminal watches the walk live (the last rows that fit); a file or a pipe gets only the
     # whole table at the end, since a live view there would keep only its last frame.
-    live = Live(_table(None, events), console=console, refresh_per_second=8, transient=True)
+    live = Live(
+        _table(None, events, width=console.width),
+        console=console,
+        refresh_per_second=8,
+        transient=True,
+    )
     fits = max(5, console.size.height - 10)
     with live if console.is_terminal else contextlib.nullcontext():
         walk = Walk(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{admin_port}",
-            lambda: live.update(_table(walk, events, fits)) if console.is_terminal else None,
+            lambda: (
+                live.update(_table(walk, events, fits, console.width))
+                if console.is_terminal
+                else None
+            ),
         )
         await walk.run()
         # let the worker deliver what the walk caused, up to the first usage report
         for _ in range(150):
             if console.is_terminal:
-                live.update(_table(walk, events, fits))
+                live.update(_table(walk, events, fits, console.width))
             if any(e.get("type") == "usage.reported" for e in events):
                 break
             await asyncio.sleep(0.1)
     await walk.aclose()
-    console.print(_table(walk, events))
+    console.print(_table(walk, events, width=console.width))
     astray = [step for step in walk.steps if not step.as_intended]
     if astray:
         for step in astray:
