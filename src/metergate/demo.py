@@ -526,19 +526,22 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
     console.print(
         f"\n[bold]{len(events)}[/] signed webhooks delivered to http://127.0.0.1:{webhook_port}/billing"
     )
-    console.print("\nTry it by hand:")
-    console.print(
-        f"  curl -i -H 'Authorization: Bearer {DEMO_KEY}' http://127.0.0.1:{port}/v1/things"
+    console.print("\nTry it by hand (the walk spent every credit, so top up first):")
+    user = f"-H 'Authorization: Bearer {DEMO_KEY}' http://127.0.0.1:{port}"
+    admin = f"-H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}"
+    chat = (
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99, "stream": true, '
+        '"stream_options": {"include_usage": true}}'
     )
-    console.print(
-        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/usage"
-    )
-    console.print(
-        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/ledger"
-    )
-    console.print(
-        f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' -d '{{\"amount\": 100}}' http://127.0.0.1:{admin_port}/v1/customers/acme/balances/credits/topup"
-    )
+    for command in (
+        f"curl -s -X POST -d '{{\"amount\": 100}}' {admin}/v1/customers/acme/balances/credits/topup",
+        f"curl -i {user}/v1/things",
+        f"curl -N -d '{chat}' {user}/v1/chat",
+        f"curl -s {admin}/v1/customers/acme/usage",
+        f"curl -s {admin}/v1/customers/acme/ledger",
+    ):
+        # one line each, whatever the width, so that it can be copied whole
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
     if keep_running:
         console.print(
             f"\nDashboard: http://127.0.0.1:{admin_port}/ui/ (sign in with the admin token "
