@@ -124,16 +124,21 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
             },
             "routes": [
                 {
-                    # Hold 500 tokens while the model works, then charge what the completion's
-                    # `usage` says: the JSON body's, or the last event's of a stream.
+                    # Hold the request's max_tokens (500 without one) while the model works, then
+                    # charge what the completion's `usage` says: the JSON body's, or the last
+                    # event's of a stream. A request the model refuses (4xx) costs nothing.
                     "path": "/v1/chat",
                     "methods": ["POST"],
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_json": "/usage/total_tokens", "reserve": 500},
+                            "cost": {
+                                "response_json": "/usage/total_tokens",
+                                "reserve": {"request_json": "/max_tokens", "default": 500},
+                            },
                         },
                     ],
+                    "refund_on": ["4xx", "5xx"],
                 },
                 {"path": "/v1/seats", "meter": [{"metric": "seats"}]},
                 {
@@ -168,8 +173,12 @@ REPLY = "hello from the upstream"
 def _usage(request: dict[str, Any]) -> dict[str, int]:
     """The sample model's `usage`: a token per word of the prompt, and it writes `max_tokens`."""
     messages = request.get("messages") or []
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list")
     prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
     completion = request.get("max_tokens", 300)
+    if type(completion) is not int or not 1 <= completion <= 100_000:
+        raise ValueError("'max_tokens' must be an integer from 1 to 100000")
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -177,9 +186,9 @@ def _usage(request: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _events(usage: dict[str, int]) -> AsyncIterator[bytes]:
-    """An OpenAI-style streamed completion: a chunk per word, a last chunk carrying `usage`
-    (as `stream_options: {include_usage: true}` asks), then `data: [DONE]`."""
+def _events(usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    """An OpenAI-style streamed completion: a chunk per word, a last chunk carrying `usage` when
+    `stream_options: {include_usage: true}` asks for it, then `data: [DONE]`."""
 
     async def stream() -> AsyncIterator[bytes]:
         base = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "model": "demo-1"}
@@ -188,8 +197,9 @@ def _events(usage: dict[str, int]) -> AsyncIterator[bytes]:
             chunk = {**base, "choices": [{"index": 0, "delta": delta}], "usage": None}
             yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
             await asyncio.sleep(0.01)
-        last = {**base, "choices": [], "usage": usage}
-        yield b"data: " + json.dumps(last).encode() + b"\n\n"
+        if usage is not None:
+            last = {**base, "choices": [], "usage": usage}
+            yield b"data: " + json.dumps(last).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return stream()
@@ -198,10 +208,20 @@ def _events(usage: dict[str, int]) -> AsyncIterator[bytes]:
 def _upstream() -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.body()
-        asked = json.loads(body) if body else {}
-        usage = _usage(asked)
+        try:
+            asked = json.loads(body) if body else {}
+            if not isinstance(asked, dict):
+                raise ValueError("the body must be a JSON object")
+            usage = _usage(asked)
+        except ValueError as exc:
+            error = {"message": str(exc), "type": "invalid_request_error"}
+            return JSONResponse({"error": error}, status_code=400)
         if asked.get("stream") is True:
-            return StreamingResponse(_events(usage), media_type="text/event-stream")
+            options = asked.get("stream_options")
+            wanted = isinstance(options, dict) and options.get("include_usage") is True
+            # without include_usage the stream reports no usage: the gateway charges the reserve
+            events = _events(usage if wanted else None)
+            return StreamingResponse(events, media_type="text/event-stream")
         message = {"role": "assistant", "content": REPLY}
         return JSONResponse(
             {
