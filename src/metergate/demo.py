@@ -1,8 +1,9 @@
 """`metergate demo`: a sample upstream, the gateway on the embedded backend, and a guided walk.
 
 One customer is walked through every level and policy: a throttle, overage, a hard limit, a grace
-limit on response-priced tokens, a suspension, running out of credit and a top-up, a reservation,
-and the signed webhooks the billing provider would receive.
+limit on tokens priced from the response body (an OpenAI-style completion's `usage`, as JSON or as
+the last event of a stream), a suspension, running out of credit and a top-up, a reservation, and
+the signed webhooks the billing provider would receive.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from metergate.config import GatewayConfig, parse_config
@@ -123,14 +124,21 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
             },
             "routes": [
                 {
+                    # Hold the request's max_tokens (500 without one) while the model works, then
+                    # charge what the completion's `usage` says: the JSON body's, or the last
+                    # event's of a stream. A request the model refuses (4xx) costs nothing.
                     "path": "/v1/chat",
                     "methods": ["POST"],
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
+                            "cost": {
+                                "response_json": "/usage/total_tokens",
+                                "reserve": {"request_json": "/max_tokens", "default": 500},
+                            },
                         },
                     ],
+                    "refund_on": ["4xx", "5xx"],
                 },
                 {"path": "/v1/seats", "meter": [{"metric": "seats"}]},
                 {
@@ -139,7 +147,7 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
                     "meter": [
                         {
                             "metric": "tokens",
-                            "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
+                            "cost": {"response_json": "/usage/total_tokens", "reserve": 500},
                         }
                     ],
                 },
@@ -159,12 +167,70 @@ def demo_config(upstream_port: int, webhook_port: int) -> GatewayConfig:
     )
 
 
+REPLY = "hello from the upstream"
+
+
+def _usage(request: dict[str, Any]) -> dict[str, int]:
+    """The sample model's `usage`: a token per word of the prompt, and it writes `max_tokens`."""
+    messages = request.get("messages") or []
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list")
+    prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+    completion = request.get("max_tokens", 300)
+    if type(completion) is not int or not 1 <= completion <= 100_000:
+        raise ValueError("'max_tokens' must be an integer from 1 to 100000")
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _events(usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    """An OpenAI-style streamed completion: a chunk per word, a last chunk carrying `usage` when
+    `stream_options: {include_usage: true}` asks for it, then `data: [DONE]`."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        base = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "model": "demo-1"}
+        for i, word in enumerate(REPLY.split()):
+            delta = {"content": word if i == 0 else " " + word}
+            chunk = {**base, "choices": [{"index": 0, "delta": delta}], "usage": None}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            await asyncio.sleep(0.01)
+        if usage is not None:
+            last = {**base, "choices": [], "usage": usage}
+            yield b"data: " + json.dumps(last).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return stream()
+
+
 def _upstream() -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.body()
-        tokens = 300 + 37 * (len(body) % 11)
+        try:
+            asked = json.loads(body) if body else {}
+            if not isinstance(asked, dict):
+                raise ValueError("the body must be a JSON object")
+            usage = _usage(asked)
+        except ValueError as exc:
+            error = {"message": str(exc), "type": "invalid_request_error"}
+            return JSONResponse({"error": error}, status_code=400)
+        if asked.get("stream") is True:
+            options = asked.get("stream_options")
+            wanted = isinstance(options, dict) and options.get("include_usage") is True
+            # without include_usage the stream reports no usage: the gateway charges the reserve
+            events = _events(usage if wanted else None)
+            return StreamingResponse(events, media_type="text/event-stream")
+        message = {"role": "assistant", "content": REPLY}
         return JSONResponse(
-            {"reply": "hello from the upstream"}, headers={"X-Usage-Tokens": str(tokens)}
+            {
+                "id": "chatcmpl-demo",
+                "object": "chat.completion",
+                "model": "demo-1",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": usage,
+            }
         )
 
     async def anything(request: Request) -> Response:
@@ -190,6 +256,8 @@ class Step:
     value: str = ""
     balance: str = ""
     expected: int = 200
+    tokens: str = ""
+    charged: str = ""
 
     @property
     def as_intended(self) -> bool:
@@ -214,22 +282,61 @@ class Walk:
         self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
     ) -> httpx.Response:
         response = await self.proxy.request(method, path, **kwargs)
+        self._record(what, response, expect)
+        return response
+
+    def _record(self, what: str, response: httpx.Response, expect: int, **extra: str) -> None:
         problem: dict[str, Any] = {}
         if response.headers.get("content-type") == "application/problem+json":
             problem = response.json()
-        self.steps.append(
-            Step(
-                what,
-                response.status_code,
-                problem.get("type", "").rsplit(":", 1)[-1],
-                response.headers.get("metergate-level", ""),
-                response.headers.get("ratelimit", "")[:40],
-                response.headers.get("metergate-balance", ""),
-                expect,
-            )
+        step = Step(
+            what,
+            response.status_code,
+            problem.get("type", "").rsplit(":", 1)[-1],
+            response.headers.get("metergate-level", ""),
+            response.headers.get("ratelimit", "")[:40],
+            response.headers.get("metergate-balance", ""),
+            expect,
         )
+        for name, value in extra.items():
+            setattr(step, name, value)
+        self.steps.append(step)
         self.render()
-        return response
+
+    async def chat(
+        self, what: str, tokens: int, *, stream: bool, path: str = "/v1/chat", expect: int = 200
+    ) -> None:
+        """Ask for a completion of `tokens` tokens in all, as JSON or streamed, and show the tokens
+        its `usage` reported (read here, from the body) beside the credits the gateway charged."""
+        prompt = "Say hello"
+        body: dict[str, Any] = {
+            "model": "demo-1",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens - len(prompt.split()),
+        }
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        before = await self._credits()
+        reported: int | None = None
+        async with self.proxy.stream("POST", path, json=body) as response:
+            kind = response.headers.get("content-type", "")
+            if response.status_code == 200 and kind.startswith("text/event-stream"):
+                # the last event carrying `usage` wins; `data: [DONE]` ends the stream
+                async for line in response.aiter_lines():
+                    data = line.removeprefix("data:").strip()
+                    if line.startswith("data:") and data != "[DONE]":
+                        usage = json.loads(data).get("usage")
+                        if usage:
+                            reported = int(usage["total_tokens"])
+            else:
+                await response.aread()
+                if response.status_code == 200 and kind.startswith("application/json"):
+                    reported = int(response.json()["usage"]["total_tokens"])
+        after = await self._credits()
+        extra = {"balance": str(after)}
+        if reported is not None:
+            extra.update(tokens=str(reported), charged=str(before - after))
+        self._record(what, response, expect, **extra)
 
     async def act(
         self, what: str, method: str, path: str, expect: int = 200, **kwargs: Any
@@ -261,25 +368,25 @@ class Walk:
         for i in range(4):
             await self.call(f"call {11 + i}: OverUsage, priced as overage", "GET", things)
         await self.call("call 15: past the Deny limit", "GET", things, expect=429)
-        for i in range(3):
-            await self.call(
-                "chat: tokens priced from the response", "POST", "/v1/chat", content=b"hi" * i
-            )
+        for what, tokens, stream in (
+            ("chat, streamed: usage from its last event", 400, True),
+            ("chat, JSON: usage.total_tokens of the body", 374, False),
+            ("chat, streamed: usage from its last event", 348, True),
+        ):
+            await self.chat(what, tokens, stream=stream)
         await self.act(
             "top up 500 credits (admin API)",
             "POST",
             "/v1/customers/acme/balances/credits/topup",
             json={"amount": 500},
         )
-        for i, what in enumerate(
-            (
-                "chat: more tokens",
-                "chat: more tokens",
-                "chat: crossing into the grace tier",
-                "chat: inside the grace tier, admitted",
-            )
+        for what, tokens, stream in (
+            ("chat, JSON: more tokens", 300, False),
+            ("chat, streamed: more tokens", 337, True),
+            ("chat, streamed: into the grace tier", 374, True),
+            ("chat, JSON: inside the grace tier, admitted", 411, False),
         ):
-            await self.call(what, "POST", "/v1/chat", content=b"x" * i)
+            await self.chat(what, tokens, stream=stream)
         held = await self.act(
             "reserve 50 credits for 60 s",
             "POST",
@@ -310,12 +417,17 @@ class Walk:
             "/v1/customers/acme/balances/credits/withdraw",
             json={"amount": await self._available()},
         )
-        await self.call("completion drawing on the overage", "POST", "/v1/complete")
-        await self.call("completion with no credit left", "POST", "/v1/complete", expect=402)
+        await self.chat("completion drawing on the overage", 300, stream=False, path="/v1/complete")
+        await self.chat(
+            "completion with no credit left", 300, stream=False, path="/v1/complete", expect=402
+        )
+
+    async def _credits(self) -> int:
+        response = await self.admin.get("/v1/customers/acme/balances/credits")
+        return int(response.json()["available"])
 
     async def _available(self) -> int:
-        response = await self.admin.get("/v1/customers/acme/balances/credits")
-        return max(1, int(response.json()["available"]))
+        return max(1, await self._credits())
 
     async def aclose(self) -> None:
         await self.proxy.aclose()
@@ -332,23 +444,31 @@ async def _receiver(received: list[dict[str, Any]], port: int) -> Any:
     return _server(app, "127.0.0.1", port)
 
 
-def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = None) -> Table:
-    """The walk so far: every step, or only the `last` ones (a live view fits the screen)."""
+def _table(
+    walk: Walk | None, events: list[dict[str, Any]], last: int | None = None, width: int = 160
+) -> Table:
+    """The walk so far: every step, or only the `last` ones (a live view fits the screen).
+
+    Every number keeps its full width; on a narrow terminal the step names are shortened and
+    then the RateLimit column (the header as sent, the least needed to follow the walk) is left out.
+    """
     table = Table(title="metergate demo: customer acme on plan 'demo'", expand=False)
-    table.add_column("step", no_wrap=True, max_width=44)
-    for column in ("status", "problem", "level", "RateLimit", "credits"):
-        table.add_column(column, no_wrap=True, max_width=28)
+    numbers = {"status": 6, "problem": 20, "level": 9, "credits": 7, "tokens": 6, "charged": 7}
+    room = width - sum(numbers.values()) - 3 * (len(numbers) + 1) - 1
+    rate = min(28, room - 44 - 3)
+    table.add_column("step", no_wrap=True, max_width=max(16, min(44, room)))
+    for column in ("status", "problem", "level", "RateLimit", "credits", "tokens", "charged"):
+        if column == "RateLimit":
+            if rate >= 12:
+                table.add_column(column, no_wrap=True, max_width=rate)
+        else:
+            table.add_column(column, no_wrap=True, max_width=numbers[column])
     steps = walk.steps if walk else []
     for step in steps[-last:] if last else steps:
         color = "green" if str(step.status).startswith("2") else "red"
-        table.add_row(
-            step.what,
-            f"[{color}]{step.status}[/]",
-            step.problem,
-            step.level,
-            step.value,
-            step.balance,
-        )
+        cells = [step.what, f"[{color}]{step.status}[/]", step.problem, step.level]
+        cells += [step.value] if rate >= 12 else []
+        table.add_row(*cells, step.balance, step.tokens, step.charged)
     kinds: dict[str, int] = {}
     for event in events:
         kinds[event.get("type", "?")] = kinds.get(event.get("type", "?"), 0) + 1
@@ -359,7 +479,7 @@ def _table(walk: Walk | None, events: list[dict[str, Any]], last: int | None = N
 
 async def run_demo(*, keep_running: bool = False, console: Console | None = None) -> int:
     """Run the whole demo; return the process exit status."""
-    console = console or Console(width=None if Console().is_terminal else 140)
+    console = console or Console(width=None if Console().is_terminal else 160)
     upstream_port, webhook_port, port, admin_port = (_free_port() for _ in range(4))
     config = demo_config(upstream_port, webhook_port)
     events: list[dict[str, Any]] = []
@@ -382,24 +502,33 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
     walk: Walk | None = None
     # A terminal watches the walk live (the last rows that fit); a file or a pipe gets only the
     # whole table at the end, since a live view there would keep only its last frame.
-    live = Live(_table(None, events), console=console, refresh_per_second=8, transient=True)
+    live = Live(
+        _table(None, events, width=console.width),
+        console=console,
+        refresh_per_second=8,
+        transient=True,
+    )
     fits = max(5, console.size.height - 10)
     with live if console.is_terminal else contextlib.nullcontext():
         walk = Walk(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{admin_port}",
-            lambda: live.update(_table(walk, events, fits)) if console.is_terminal else None,
+            lambda: (
+                live.update(_table(walk, events, fits, console.width))
+                if console.is_terminal
+                else None
+            ),
         )
         await walk.run()
         # let the worker deliver what the walk caused, up to the first usage report
         for _ in range(150):
             if console.is_terminal:
-                live.update(_table(walk, events, fits))
+                live.update(_table(walk, events, fits, console.width))
             if any(e.get("type") == "usage.reported" for e in events):
                 break
             await asyncio.sleep(0.1)
     await walk.aclose()
-    console.print(_table(walk, events))
+    console.print(_table(walk, events, width=console.width))
     astray = [step for step in walk.steps if not step.as_intended]
     if astray:
         for step in astray:
@@ -410,21 +539,29 @@ async def run_demo(*, keep_running: bool = False, console: Console | None = None
     else:
         console.print(f"All {len(walk.steps)} steps answered as intended.")
     console.print(
+        "tokens: what each completion's `usage` reported, in its JSON body or in the last event of"
+        " its stream;\ncharged: the credits the gateway drew for them (1 per 100 tokens, 2 in the"
+        " grace tier)."
+    )
+    console.print(
         f"\n[bold]{len(events)}[/] signed webhooks delivered to http://127.0.0.1:{webhook_port}/billing"
     )
-    console.print("\nTry it by hand:")
-    console.print(
-        f"  curl -i -H 'Authorization: Bearer {DEMO_KEY}' http://127.0.0.1:{port}/v1/things"
+    console.print("\nTry it by hand (the walk spent every credit, so top up first):")
+    user = f"-H 'Authorization: Bearer {DEMO_KEY}' http://127.0.0.1:{port}"
+    admin = f"-H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}"
+    chat = (
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99, "stream": true, '
+        '"stream_options": {"include_usage": true}}'
     )
-    console.print(
-        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/usage"
-    )
-    console.print(
-        f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://127.0.0.1:{admin_port}/v1/customers/acme/ledger"
-    )
-    console.print(
-        f"  curl -s -X POST -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' -d '{{\"amount\": 100}}' http://127.0.0.1:{admin_port}/v1/customers/acme/balances/credits/topup"
-    )
+    for command in (
+        f"curl -s -X POST -d '{{\"amount\": 100}}' {admin}/v1/customers/acme/balances/credits/topup",
+        f"curl -i {user}/v1/things",
+        f"curl -N -d '{chat}' {user}/v1/chat",
+        f"curl -s {admin}/v1/customers/acme/usage",
+        f"curl -s {admin}/v1/customers/acme/ledger",
+    ):
+        # one line each, whatever the width, so that it can be copied whole
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
     if keep_running:
         console.print(
             f"\nDashboard: http://127.0.0.1:{admin_port}/ui/ (sign in with the admin token "

@@ -138,7 +138,8 @@ def test_check_and_serve_report_a_bad_config_in_one_line(tmp_path: Path) -> None
 
 def test_demo_runs_to_completion_with_webhooks() -> None:
     """`metergate demo` runs by itself, walks every refusal, delivers webhooks and exits 0; piped,
-    its table has every step from the first, and each step answered the status it shows."""
+    its table has every step from the first, each step answered the status it shows, and a streamed
+    completion's tokens are charged at the tier's price."""
     proc = subprocess.run(
         [sys.executable, "-m", "metergate", "demo"],
         capture_output=True,
@@ -158,15 +159,28 @@ def test_demo_runs_to_completion_with_webhooks() -> None:
     ):
         assert expected in proc.stdout, expected
     assert "Traceback" not in proc.stderr
-    rows = [line.split("│")[1:5] for line in proc.stdout.splitlines() if line.startswith("│ ")]
-    steps = [tuple(cell.strip() for cell in row) for row in rows]
+    rows = [line.split("│")[1:9] for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    table = [tuple(cell.strip() for cell in row) for row in rows]
+    steps = [row[:4] for row in table]
     assert steps[0] == ("call 1: Normal tier, 1 credit each", "200", "", "Normal")
     assert f"All {len(steps)} steps answered as intended." in proc.stdout, proc.stdout
     shown = {what: (status, problem, level) for what, status, problem, level in steps}
-    assert shown["chat: tokens priced from the response"] == ("200", "", "Normal")
-    assert shown["chat: inside the grace tier, admitted"] == ("200", "", "OverUsage")
+    assert shown["chat, JSON: usage.total_tokens of the body"] == ("200", "", "Normal")
+    assert shown["chat, JSON: inside the grace tier, admitted"] == ("200", "", "OverUsage")
     assert shown["call 15: past the Deny limit"] == ("429", "quota-exceeded", "OverUsage")
     assert shown["completion with no credit left"][:2] == ("402", "insufficient-credits")
+    # The first chat streams: its tokens, read by the demo's client from the stream's last usage
+    # event, are what the gateway charged, at the Normal tier's 1 credit per 100 tokens (no
+    # tokens before it, so nothing is rounded).
+    streamed = [row for row in table if row[0] == "chat, streamed: usage from its last event"]
+    _, status, _, level, _, _, tokens, charged = streamed[0]
+    assert (status, level) == ("200", "Normal")
+    assert int(tokens) > 0
+    assert int(charged) * 100 == int(tokens) * 1
+    # Every chat's JSON or streamed usage was charged: no step shows tokens with nothing drawn.
+    chats = [row for row in table if row[6]]
+    assert len(chats) == 8
+    assert all(int(row[7]) > 0 for row in chats)
 
 
 def test_events_and_redeliver_commands(tmp_path: Path) -> None:
