@@ -344,8 +344,9 @@ class MeteringMiddleware:
             planned.amounts,
             None,
             estimates=planned.estimates,
-            hold_ttl_s=max(1, route.reserve_ttl_ms // 1000),
-            lease_ttl_s=max(1, route.lease_ttl_ms // 1000) if route.lease_ttl_ms else None,
+            # Milliseconds end to end: a configured `1500ms` holds 1.5 s, not 1 s.
+            hold_ttl_ms=route.reserve_ttl_ms,
+            lease_ttl_ms=route.lease_ttl_ms,
             attempt=attempt,
             operation=operation or None,
         )

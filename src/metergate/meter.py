@@ -94,16 +94,21 @@ class Meter:
         lease_ttl_s: int | None = None,
         attempt: str | None = None,
         operation: str | None = None,
+        hold_ttl_ms: int | None = None,
+        lease_ttl_ms: int | None = None,
     ) -> Decision:
-        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        """Decide and record one admission of (metric, amount) pairs, all or nothing.
+
+        Hold and lease lifetimes may be given in seconds or, exactly, in milliseconds (`_ms`
+        wins when both are given)."""
         return self._drive(
             self.core.admit(
                 customer,
                 amounts,
                 idempotency_key,
                 estimates=estimates,
-                hold_ttl_ms=hold_ttl_s * 1000,
-                lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+                hold_ttl_ms=hold_ttl_ms if hold_ttl_ms is not None else hold_ttl_s * 1000,
+                lease_ttl_ms=_lease_ms(lease_ttl_s, lease_ttl_ms),
                 attempt=attempt,
                 operation=operation,
             )
@@ -313,16 +318,21 @@ class AsyncMeter:
         lease_ttl_s: int | None = None,
         attempt: str | None = None,
         operation: str | None = None,
+        hold_ttl_ms: int | None = None,
+        lease_ttl_ms: int | None = None,
     ) -> Decision:
-        """Decide and record one admission of (metric, amount) pairs, all or nothing."""
+        """Decide and record one admission of (metric, amount) pairs, all or nothing.
+
+        Hold and lease lifetimes may be given in seconds or, exactly, in milliseconds (`_ms`
+        wins when both are given)."""
         return await self._drive(
             self.core.admit(
                 customer,
                 amounts,
                 idempotency_key,
                 estimates=estimates,
-                hold_ttl_ms=hold_ttl_s * 1000,
-                lease_ttl_ms=lease_ttl_s * 1000 if lease_ttl_s else None,
+                hold_ttl_ms=hold_ttl_ms if hold_ttl_ms is not None else hold_ttl_s * 1000,
+                lease_ttl_ms=_lease_ms(lease_ttl_s, lease_ttl_ms),
                 attempt=attempt,
                 operation=operation,
             )
@@ -477,3 +487,10 @@ class AsyncMeter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _lease_ms(seconds: int | None, ms: int | None) -> int | None:
+    """A lease lifetime in milliseconds, from whichever unit was given (None: the default)."""
+    if ms is not None:
+        return ms
+    return seconds * 1000 if seconds else None

@@ -641,3 +641,15 @@ def test_estimate_holds_expire_after_the_hold_ttl_not_the_lease_ttl(
     clock.advance(1)
     assert meter.usage("c", "calls")["pending"] == 0
     assert meter.admit("c", {"calls": 3}).allowed
+
+
+def test_hold_lifetimes_in_milliseconds_are_kept_exactly(make_meter: Any, clock: Any) -> None:
+    """A hold given in milliseconds (a route's `reserve_ttl: 1500ms`) lasts 1.5 s, not 1 s or 2 s."""
+    meter = make_meter(
+        single_asset([tier(0, "Normal", "NotifyOnly"), tier(10, "OverUsage", "Deny")])
+    )
+    assert meter.admit("c", {}, estimates={"calls": 8}, hold_ttl_ms=1500).allowed
+    clock.advance(1.4)
+    assert meter.usage("c", "calls")["pending"] == 8
+    clock.advance(0.2)
+    assert meter.usage("c", "calls")["pending"] == 0
