@@ -306,9 +306,18 @@ class ProxyApp:
                     ],
                 }
             )
+            # With a Content-Length, the chunk that completes it is the last message: the
+            # metering around settles before it leaves, so a client that has read the whole
+            # response finds it settled.
+            size, sent, ended = response.content_length, 0, False
             async for chunk in response.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                sent += len(chunk)
+                ended = size is not None and sent >= size
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if ended:
+                    break
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (aiohttp.ClientError, TimeoutError, OSError):
             # The upstream or the client went away mid-body: nothing more can be said on this
             # response; the metering middleware settles in its finally block.
