@@ -225,7 +225,7 @@ class AdminAPI:
 
     async def customer(self, cid: str) -> dict[str, Any]:
         """Return a customer as `GET /v1/customers/{id}` shows it (the dashboard reads it too)."""
-        view = await self.meter._drive(directory.customer_view(self.meter.core, cid))
+        view = await self.meter.run(directory.customer_view(self.meter.core, cid))
         balances = {}
         for name in view["balances"]:
             try:
@@ -237,12 +237,12 @@ class AdminAPI:
 
     async def issue_key(self, request: Request) -> Response:
         cid = request.path_params["id"]
-        issued = await self.meter._drive(directory.issue_api_key(self.meter.core, cid))
+        issued = await self.meter.run(directory.issue_api_key(self.meter.core, cid))
         return _json(issued, 201)
 
     async def revoke_key(self, request: Request) -> Response:
         cid, key_id = request.path_params["id"], request.path_params["key_id"]
-        await self.meter._drive(directory.revoke_api_key(self.meter.core, cid, key_id))
+        await self.meter.run(directory.revoke_api_key(self.meter.core, cid, key_id))
         return Response(status_code=204)
 
     async def put_entitlement(self, request: Request) -> Response:
@@ -250,7 +250,7 @@ class AdminAPI:
         if isinstance(body, Response):
             return body
         cid = request.path_params["id"]
-        current = await self.meter._drive(directory.find_entitlement(self.meter.core, cid))
+        current = await self.meter.run(directory.find_entitlement(self.meter.core, cid))
         if current is None:
             raise NotFound(f"customer '{cid}' does not exist")
         await self.meter.set_entitlement(cid, body.plan or current.plan, body.anchor, body.timezone)
@@ -264,7 +264,7 @@ class AdminAPI:
 
     async def usage(self, cid: str) -> dict[str, dict[str, object]]:
         """Return a customer's usage per metric, as `GET /v1/customers/{id}/usage` shows it."""
-        ent = await self.meter._drive(directory.find_entitlement(self.meter.core, cid))
+        ent = await self.meter.run(directory.find_entitlement(self.meter.core, cid))
         if ent is None:
             raise NotFound(f"customer '{cid}' does not exist")
         return {m: await self.meter.usage(cid, m) for m in self.meter.core.plans[ent.plan]}
@@ -337,7 +337,7 @@ class AdminAPI:
         # (made, or still on its way) is cancelled by it, so a 503 never leaves a hold behind.
         key = given or f"auto:{uuid.uuid4().hex}"
         try:
-            rid, expires = await self.meter._drive(
+            rid, expires = await self.meter.run(
                 self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
             )
         except StorageUnavailable:
@@ -363,7 +363,7 @@ class AdminAPI:
         limit = request.query_params.get("limit", "100")
         if not limit.isdigit() or not 0 < int(limit) <= 10_000:
             return _invalid([{"field": "limit", "message": "must be an integer from 1 to 10000"}])
-        if await self.meter._drive(directory.find_entitlement(self.meter.core, cid)) is None:
+        if await self.meter.run(directory.find_entitlement(self.meter.core, cid)) is None:
             raise NotFound(f"customer '{cid}' does not exist")
         return _json({"entries": await self.meter.ledger(cid, int(limit))})
 
@@ -373,11 +373,11 @@ class AdminAPI:
         limit = request.query_params.get("limit", "100")
         if not limit.isdigit() or not 0 < int(limit) <= 10_000:
             return _invalid([{"field": "limit", "message": "must be an integer from 1 to 10000"}])
-        rows = await self.meter._drive(directory.events(self.meter.core, int(limit)))
+        rows = await self.meter.run(directory.events(self.meter.core, int(limit)))
         return _json({"events": rows})
 
     async def redeliver(self, request: Request) -> Response:
-        event = await self.meter._drive(
+        event = await self.meter.run(
             directory.redeliver(self.meter.core, request.path_params["eid"])
         )
         return _json({"redelivered": event["id"]}, 202)

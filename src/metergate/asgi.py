@@ -249,9 +249,7 @@ class MeteringMiddleware:
         keys, customer = self.meter.core.keys, planned.customer
         in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
         try:
-            claim = await self.meter._drive(
-                idempotency.claim(keys, customer, key, fp, in_flight_ms)
-            )
+            claim = await self.meter.run(idempotency.claim(keys, customer, key, fp, in_flight_ms))
         except (StorageUnavailable, TimeoutError):
             STORAGE_ERRORS.inc()
             await _send_answer(send, self.gate.unavailable())
@@ -325,7 +323,7 @@ class MeteringMiddleware:
                 else:
                     # refused, refunded, unavailable or too large: a retry is a new request
                     flow = idempotency.release(keys, customer, key)
-                await self.meter._drive(flow)
+                await self.meter.run(flow)
             except Exception:
                 logger.exception("metergate: could not record the outcome of Idempotency-Key")
 

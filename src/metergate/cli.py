@@ -155,7 +155,7 @@ def events(config_path: Path, limit: int) -> None:
 
     with Meter(_load_or_exit(config_path)) as meter:
         try:
-            rows = meter._drive(directory.events(meter.core, limit))
+            rows = meter.run(directory.events(meter.core, limit))
         except StorageUnavailable as exc:
             click.echo(f"metergate: storage is unavailable: {exc}", err=True)
             raise SystemExit(1) from None
@@ -174,7 +174,7 @@ def redeliver(config_path: Path, event_id: str) -> None:
 
     with Meter(_load_or_exit(config_path)) as meter:
         try:
-            meter._drive(directory.redeliver(meter.core, event_id))
+            meter.run(directory.redeliver(meter.core, event_id))
         except (NotFound, StorageUnavailable) as exc:
             click.echo(f"metergate: {exc}", err=True)
             raise SystemExit(1) from None

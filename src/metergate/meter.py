@@ -68,6 +68,10 @@ class Meter:
         self.storage = storage or open_sync(self.config.storage)
         self._bootstrap_lock = threading.Lock()
 
+    def run(self, flow: Flow[T]) -> T:
+        """Run one operation flow of the core (a generator of storage calls) to its result."""
+        return self._drive(flow)
+
     def _drive(self, flow: Flow[T]) -> T:
         if not self.core.bootstrapped:
             with self._bootstrap_lock:
@@ -288,6 +292,10 @@ class AsyncMeter:
         await self.storage.start()
         if not self.core.bootstrapped:
             await self._run(self.core.bootstrap())
+
+    async def run(self, flow: Flow[T]) -> T:
+        """Run one operation flow of the core (a generator of storage calls) to its result."""
+        return await self._drive(flow)
 
     async def _drive(self, flow: Flow[T]) -> T:
         if self._closed:

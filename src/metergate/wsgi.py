@@ -331,7 +331,7 @@ class WSGIMeteringMiddleware:
         keys, customer = self.meter.core.keys, planned.customer
         in_flight_ms = self.config.proxy.timeout_s * 1000 + 60_000
         try:
-            claim = self.meter._drive(idempotency.claim(keys, customer, key, fp, in_flight_ms))
+            claim = self.meter.run(idempotency.claim(keys, customer, key, fp, in_flight_ms))
         except StorageUnavailable:
             STORAGE_ERRORS.inc()
             return _answer(start_response, self.gate.unavailable())
@@ -379,7 +379,7 @@ class WSGIMeteringMiddleware:
                 else:
                     # refused, refunded, unavailable or too large: a retry is a new request
                     flow = idempotency.release(keys, customer, key)
-                self.meter._drive(flow)
+                self.meter.run(flow)
             except Exception:
                 logger.exception("metergate: could not record the outcome of Idempotency-Key")
 

@@ -80,7 +80,7 @@ def test_reported_windows_add_up_per_hour_and_day_once(storage_url: str, clock: 
     for units in (3, 4, 5):
         meter.record("d", "calls", units)
         clock.advance(1800)  # two records in the first hour, one in the next
-    series = meter._drive(usage_series(meter.core, "d", "calls"))
+    series = meter.run(usage_series(meter.core, "d", "calls"))
     assert series is not None and series.bucket_ms == HOUR_MS
     assert series.units == {hour0 * HOUR_MS: 7, (hour0 + 1) * HOUR_MS: 5}  # from open windows
     report(storage_url, int(clock.now * 1000))
@@ -88,7 +88,7 @@ def test_reported_windows_add_up_per_hour_and_day_once(storage_url: str, clock: 
     hourly, daily = buckets(meter, "d")
     assert {k: v for k, v in hourly.items() if k != "lo"} == {str(hour0): "7", str(hour0 + 1): "5"}
     assert sum(int(v) for k, v in daily.items() if k != "lo") == 12
-    after = meter._drive(usage_series(meter.core, "d", "calls"))
+    after = meter.run(usage_series(meter.core, "d", "calls"))
     assert after is not None and after.units == series.units
     assert after.cumulative(*after.current)[-1][1] == meter.usage("d", "calls")["value"] == 12
     meter.close()
@@ -109,7 +109,7 @@ def test_history_keeps_the_last_buckets_and_forgets_the_rest(
     last = (int(clock.now * 1000) - DAY_MS) // DAY_MS
     assert kept == list(range(last - 61, last + 1))
     assert len([k for k in hourly if k != "lo"]) <= 48
-    series = meter._drive(usage_series(meter.core, "m", "calls"))
+    series = meter.run(usage_series(meter.core, "m", "calls"))
     assert series is not None and series.bucket_ms == DAY_MS
     previous = series.cumulative(*series.previous)
     assert previous[-1][1] == 2 * len(previous)  # a whole month, two units a day
@@ -135,5 +135,5 @@ def test_assets_without_a_period_have_no_series(storage_url: str, clock: Clock) 
     """A Gauge has no usage to add up over a period: its series is None."""
     meter = meter_on(storage_url, clock)
     meter.record("d", "seats", 4)
-    assert meter._drive(usage_series(meter.core, "d", "seats")) is None
+    assert meter.run(usage_series(meter.core, "d", "seats")) is None
     meter.close()

@@ -237,7 +237,7 @@ class Dashboard:
 
     async def redeliver(self, request: Request, sid: str) -> Response:
         event_id = request.state.form.get("event", "")
-        event = await self.api.meter._drive(directory.redeliver(self.api.meter.core, event_id))
+        event = await self.api.meter.run(directory.redeliver(self.api.meter.core, event_id))
         return self._redirect(
             request, "/events?redelivered=" + urllib.parse.quote(str(event["id"]), safe="")
         )

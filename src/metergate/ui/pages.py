@@ -40,7 +40,7 @@ _ATTENTION = {"depleted": 0, "suspended": 0, "low": 1, "ok": 2}
 
 async def customers_page(api: AdminAPI) -> dict[str, Any]:
     """Every customer with plan, highest level and balances; low, depleted, suspended first."""
-    ids = await api.meter._drive(directory.customer_ids(api.meter.core))
+    ids = await api.meter.run(directory.customer_ids(api.meter.core))
     rows = []
     for cid in ids[:CUSTOMERS_SHOWN]:
         try:
@@ -82,7 +82,7 @@ async def customer_page(api: AdminAPI, cid: str, page: int) -> dict[str, Any]:
     for metric, fields in usage.items():
         asset = plan[metric]
         limit = fields["limit"]
-        series = await api.meter._drive(usage_series(core, cid, metric))
+        series = await api.meter.run(usage_series(core, cid, metric))
         metrics.append(
             {
                 "name": metric,
@@ -95,10 +95,10 @@ async def customer_page(api: AdminAPI, cid: str, page: int) -> dict[str, Any]:
         )
     balances = []
     for name, state in view["balances"].items():
-        holds = await api.meter._drive(open_holds(core, cid, name))
+        holds = await api.meter.run(open_holds(core, cid, name))
         balances.append({"name": name, **state, "state": _balance_state(state), "holds": holds})
-    ledger = await api.meter._drive(core.ledger(cid, LEDGER_PAGE, offset=(page - 1) * LEDGER_PAGE))
-    events = await api.meter._drive(directory.events(core, CUSTOMER_EVENTS_READ, customer=cid))
+    ledger = await api.meter.run(core.ledger(cid, LEDGER_PAGE, offset=(page - 1) * LEDGER_PAGE))
+    events = await api.meter.run(directory.events(core, CUSTOMER_EVENTS_READ, customer=cid))
     return {
         "customer": view,
         "metrics": metrics,
@@ -112,7 +112,7 @@ async def customer_page(api: AdminAPI, cid: str, page: int) -> dict[str, Any]:
 
 async def events_page(api: AdminAPI, status: str | None) -> dict[str, Any]:
     """The newest outbox events and dead letters (or only one of the two)."""
-    rows = await api.meter._drive(directory.events(api.meter.core, EVENTS_SHOWN))
+    rows = await api.meter.run(directory.events(api.meter.core, EVENTS_SHOWN))
     if status in ("queued", "dead"):
         rows = [e for e in rows if e["status"] == status]
     return {"events": rows, "status": status}

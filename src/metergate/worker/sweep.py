@@ -44,7 +44,7 @@ async def sweep_holds(meter: AsyncMeter) -> int:
         for member in due or []:
             customer, _, name = str(member).partition("\x1f")
             try:
-                await meter._drive(core.balance_op(customer, name, "read"))
+                await meter.run(core.balance_op(customer, name, "read"))
             except NotFound:
                 await meter.storage.run(Command(("ZREM", core.keys.holds(partition), member)))
             swept += 1
