@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +256,56 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@dataclass
+class ServeProcess:
+    """A running `metergate serve`: its proxy and admin URLs, its process and its output file."""
+
+    proxy: str
+    admin: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_process(
+    config_path: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    start_s: float = 30.0,
+) -> Iterator[ServeProcess]:
+    """Run `metergate serve --config <config_path> <args>` on free ports in a subprocess until the
+    block ends (SIGINT, then SIGKILL after 20 s); its output goes to `<config_path>.log`."""
+    log = config_path.with_suffix(".log")
+    port, admin_port = free_port(), free_port()
+    command = [sys.executable, "-m", "metergate", "serve", "--config", str(config_path)]
+    command += ["--port", str(port), "--admin-port", str(admin_port), *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + start_s
+        for listening in (admin_port, port):
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", listening), timeout=0.2):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"metergate serve did not start:\n{log.read_text()}"
+                        ) from None
+                    time.sleep(0.05)
+        yield ServeProcess(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc, log)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from tests.adapters.harness import serve_asgi
 from tests.gateway.test_proxy import KEY, UPSTREAM, gateway_config
 
-from conftest import free_port
+from conftest import serve_process
 
 TOKEN = "serve-admin-token-0123"
 
@@ -31,45 +29,8 @@ def served(tmp_path: Path, storage_url: str) -> Iterator[tuple[str, str]]:
         config["admin"] = {"token": "${SERVE_TOKEN}"}
         path = tmp_path / "gateway.json"
         path.write_text(json.dumps(config))
-        port, admin_port = free_port(), free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "metergate",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                str(port),
-                "--admin-port",
-                str(admin_port),
-            ],
-            env={**os.environ, "SERVE_TOKEN": TOKEN},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", admin_port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read().decode() if proc.stdout else ""
-                    raise RuntimeError(f"metergate serve did not start:\n{out}") from None
-                time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        with serve_process(path, env={"SERVE_TOKEN": TOKEN}) as served:
+            yield served.proxy, served.admin
 
 
 def raw_request(url: str, data: bytes) -> bytes:

@@ -7,9 +7,7 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
 
-from conftest import RedisProcess, free_port
+from conftest import RedisProcess, serve_process
 from metergate.config import hash_api_key
 
 TOKEN = "integrity-admin-token-0123"
@@ -130,45 +128,8 @@ def serve(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
     """Run `metergate serve` with `config` in a subprocess until the block ends."""
     path = tmp_path / f"gateway-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))
-    log = path.with_suffix(".log")
-    port, admin_port = free_port(), free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "metergate",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                str(port),
-                "--admin-port",
-                str(admin_port),
-            ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"metergate serve did not start:\n{log.read_text()}") from None
-            time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc, log)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(path) as served:
+        yield Served(served.proxy, served.admin, served.proc, served.log)
 
 
 @pytest.fixture

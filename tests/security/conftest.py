@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +20,7 @@ from typing import Any
 import httpx
 from tests.adapters.harness import serve_asgi
 
-from conftest import free_port
+from conftest import free_port, serve_process
 
 TOKEN = "security-admin-token-0123"
 KEY = "key-of-acme"
@@ -143,47 +139,8 @@ def serve(cfg: dict[str, Any], tmp_path: Path) -> Iterator[Gateway]:
     """Run `metergate serve --no-worker` with `cfg` in a subprocess until the block ends."""
     path = tmp_path / f"gateway-{free_port()}.json"
     path.write_text(json.dumps(cfg))
-    port, admin_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "metergate",
-            "serve",
-            "--config",
-            str(path),
-            "--port",
-            str(port),
-            "--admin-port",
-            str(admin_port),
-            "--no-worker",
-        ],
-        env=dict(os.environ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + START_S
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", admin_port), timeout=0.2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"metergate serve did not start:\n{out}") from None
-            time.sleep(0.05)
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+    with serve_process(path, "--no-worker", start_s=START_S) as served:
+        yield Gateway(served.proxy, served.admin, served.proc)
 
 
 @contextlib.contextmanager
