@@ -117,13 +117,27 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def click_and_wait(driver: Any, element: Any) -> None:
     """Click a link or button and wait until the browser has left the page it was on."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+
+    def left(_: Any) -> bool:
+        # While the old document is being replaced, chromedriver may answer a call on its element
+        # with a plain WebDriverException ("node does not belong to the document") rather than a
+        # stale-element error: either way the browser has left that page.
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 15).until(left)
+    WebDriverWait(driver, 15).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
 
 
 @dataclass
