@@ -323,7 +323,8 @@ class WSGIMeteringMiddleware:
         environ["CONTENT_LENGTH"] = str(len(data))
         fp = idempotency.fingerprint(
             environ.get("REQUEST_METHOD", "GET"),
-            _path(environ),
+            # the path the route matched (as under ASGI): a retry spelling it otherwise is the same
+            normalize_decoded(_path(environ)),
             environ.get("QUERY_STRING", ""),
             {**planned.amounts, **planned.estimates},
             hashlib.sha256(data).hexdigest(),
