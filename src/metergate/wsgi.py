@@ -298,17 +298,14 @@ class WSGIMeteringMiddleware:
             environ, start_response, fields, settle, response_headers, tap, route.refund_on
         )
 
-    def _keyed(
-        self, environ: Environ, start_response: StartResponse, planned: Admission
-    ) -> Iterable[bytes]:
-        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
-        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
-        key = str(planned.idempotency_key)
+    def _whole_body(self, environ: Environ) -> bytes | None:
+        """Read a request's body whole, up to `proxy.max_body_bytes`, and leave it in
+        `wsgi.input` for the app; None when it is larger."""
         limit = self.config.proxy.max_body_bytes
         stream = environ.get("wsgi.input")
         length = str(environ.get("CONTENT_LENGTH") or "")
         if length.isdigit() and int(length) > limit:
-            return _answer(start_response, too_large(limit))
+            return None
         if stream is None:
             data = b""
         elif length.isdigit():
@@ -318,9 +315,20 @@ class WSGIMeteringMiddleware:
         else:
             data = b""
         if len(data) > limit:
-            return _answer(start_response, too_large(limit))
+            return None
         environ["wsgi.input"] = io.BytesIO(data)
         environ["CONTENT_LENGTH"] = str(len(data))
+        return data
+
+    def _keyed(
+        self, environ: Environ, start_response: StartResponse, planned: Admission
+    ) -> Iterable[bytes]:
+        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
+        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
+        key = str(planned.idempotency_key)
+        data = self._whole_body(environ)
+        if data is None:
+            return _answer(start_response, too_large(self.config.proxy.max_body_bytes))
         fp = idempotency.fingerprint(
             environ.get("REQUEST_METHOD", "GET"),
             # the path the route matched (as under ASGI): a retry spelling it otherwise is the same
@@ -498,9 +506,24 @@ class WSGIMeteringMiddleware:
             if attempt:
                 self.recovery.refund(planned.customer, attempt, operation)
             return _answer(start_response, self.gate.unavailable())
-        # The same Idempotency-Key retried while storage is down is still recorded once.
+        # The same request retried with its Idempotency-Key while storage is down is recorded
+        # once; another request under that key (another fingerprint, body included) is its own.
         key = planned.idempotency_key
-        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded-{uuid.uuid4().hex}"
+        if key:
+            data = self._whole_body(environ)
+            if data is None:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
+                return _answer(start_response, too_large(self.config.proxy.max_body_bytes))
+            fp = idempotency.fingerprint(
+                environ.get("REQUEST_METHOD", "GET"),
+                normalize_decoded(_path(environ)),
+                environ.get("QUERY_STRING", ""),
+                {**planned.amounts, **planned.estimates},
+                hashlib.sha256(data).hexdigest(),
+            )
+            op = idempotency.degraded_operation(key, fp)
         response_headers: dict[str, str] = {}
         route = planned.route
         tap = WsgiResponseTap(route, response_headers) if route.body_costs else None
