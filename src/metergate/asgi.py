@@ -290,7 +290,13 @@ class MeteringMiddleware:
             return await receive()
 
         max_bytes = self.config.idempotency.max_response_bytes
-        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+        captured: dict[str, Any] = {
+            "status": 0,
+            "headers": [],
+            "body": bytearray(),
+            "over": False,
+            "whole": False,  # the app sent its last body message: a stream cut short is not kept
+        }
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -304,13 +310,20 @@ class MeteringMiddleware:
                 if len(captured["body"]) > max_bytes:
                     captured["over"], captured["body"] = True, bytearray()
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                captured["whole"] = True
 
         outcome = "unavailable"
         try:
             outcome = await self._serve(scope, replayed, capture, planned)
         finally:
             try:
-                if outcome == "served" and not captured["over"] and captured["status"]:
+                if (
+                    outcome == "served"
+                    and not captured["over"]
+                    and captured["status"]
+                    and captured["whole"]
+                ):
                     flow = idempotency.complete(
                         keys,
                         customer,
@@ -322,7 +335,7 @@ class MeteringMiddleware:
                         self.config.idempotency.ttl,
                     )
                 else:
-                    # refused, refunded, unavailable or too large: a retry is a new request
+                    # refused, refunded, unavailable, cut short or too large: a retry is new
                     flow = idempotency.release(keys, customer, key)
                 await self.meter.run(flow)
             except Exception:

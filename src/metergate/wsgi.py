@@ -362,7 +362,13 @@ class WSGIMeteringMiddleware:
             return _answer(start_response, problem(claim.outcome, 409, detail, retry))
 
         max_bytes = self.config.idempotency.max_response_bytes
-        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+        captured: dict[str, Any] = {
+            "status": 0,
+            "headers": [],
+            "body": bytearray(),
+            "over": False,
+            "whole": False,  # the app's body was read to its end: a stream cut short is not kept
+        }
 
         def capture_start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
             code = status[:3]
@@ -374,7 +380,12 @@ class WSGIMeteringMiddleware:
 
         def finish() -> None:
             try:
-                if outcome[:1] == ["served"] and not captured["over"] and captured["status"]:
+                if (
+                    outcome[:1] == ["served"]
+                    and not captured["over"]
+                    and captured["status"]
+                    and captured["whole"]
+                ):
                     flow = idempotency.complete(
                         keys,
                         customer,
@@ -386,7 +397,7 @@ class WSGIMeteringMiddleware:
                         self.config.idempotency.ttl,
                     )
                 else:
-                    # refused, refunded, unavailable or too large: a retry is a new request
+                    # refused, refunded, unavailable, cut short or too large: a retry is new
                     flow = idempotency.release(keys, customer, key)
                 self.meter.run(flow)
             except Exception:
@@ -406,6 +417,7 @@ class WSGIMeteringMiddleware:
                         if len(captured["body"]) > max_bytes:
                             captured["over"], captured["body"] = True, bytearray()
                     yield chunk
+                captured["whole"] = True
             finally:
                 close = getattr(result, "close", None)
                 try:

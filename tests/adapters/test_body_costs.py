@@ -462,6 +462,7 @@ def test_idempotency_key_replays_body_priced_completions_free(llm: Llm) -> None:
         "/v1/chat/completions", json=chat(max_tokens=50), headers={"idempotency-key": "j-1"}
     )
     assert (first.status_code, again.status_code) == (200, 200)
+    assert first.headers["metergate-balance"] == str(100_000 - 50)  # max_tokens held
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.content == first.content
     assert llm.tokens() == (TOTAL, 0, 0)
@@ -477,3 +478,21 @@ def test_idempotency_key_replays_body_priced_completions_free(llm: Llm) -> None:
     assert streamed[1][2].get("idempotent-replayed") == "true"
     assert llm.tokens() == (2 * TOTAL, 0, 0)
     assert llm.available() == 100_000 - 2 * TOTAL
+
+
+def test_a_stream_the_client_left_is_not_replayed_cut_short(llm: Llm) -> None:
+    """A keyed stream the client left mid-way is charged once and never stored: a retry with its
+    Idempotency-Key is forwarded and metered as new, not answered with the cut-off stream."""
+    headers = {"x-script": "slow-usage-first", "idempotency-key": "left"}
+    body = chat(max_tokens=11)
+    with llm.client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert next(r.iter_bytes()).startswith(b"data: ")
+    eventually(lambda: _assert_tokens(llm, (5, 0, 0)), timeout=20)
+    time.sleep(0.5)
+    retry = llm.client.post(
+        "/v1/chat/completions", json=body, headers={**headers, "x-script": "middle"}
+    )
+    assert retry.headers.get("idempotent-replayed") != "true", retry.text[:200]
+    # forwarded and metered as new, as a response too large to store is
+    assert retry.status_code == 200 and retry.text.count("data: ") == 5
+    assert llm.tokens() == (5 + 40, 0, 0)
