@@ -328,3 +328,25 @@ def test_usage_event_ids_of_names_with_colons_never_collide(
         assert len(set(recorder.ids())) == 2
 
     run(scenario, storage_url)
+
+
+def test_period_closed_ids_of_names_with_colons_never_collide(
+    storage_url: str, clock: Clock
+) -> None:
+    """Customer `acme:x` on `calls` and customer `acme` on `x:calls` close under two event ids."""
+    metrics = {**METRICS, "x:calls": {"type": "CumulativeCounter"}}
+    config = gateway(storage_url, [], metrics=metrics)
+    ps = int(datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    pe = int(datetime(2027, 2, 1, tzinfo=UTC).timestamp() * 1000)
+
+    async def scenario(storage: AsyncStorage) -> None:
+        await open_period(storage, "acme:x", "calls", ps, pe, v=1)
+        await open_period(storage, "acme", "x:calls", ps, pe, v=2)
+        async with httpx.AsyncClient() as http:
+            worker = Worker(config, storage, clock, http)
+            clock.now = pe / 1000 + 120
+            assert (await worker.run_once()).closed == 2
+        ids = {e["id"] for e in await outbox_events(storage, "period.closed")}
+        assert ids == {f"period:acme%3Ax:calls:{ps // 1000}", f"period:acme:x%3Acalls:{ps // 1000}"}
+
+    run(scenario, storage_url)
