@@ -52,6 +52,20 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body` (read already) as one message, then the client's messages."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 async def _send_answer(send: Send, answer: Answer) -> None:
     await send(
         {
@@ -222,22 +236,9 @@ class MeteringMiddleware:
         fingerprint (the body read whole for its digest), replay a completed one, refuse a
         conflict or a duplicate in flight, and store the response when it may be replayed."""
         key = str(planned.idempotency_key)
-        limit = self.config.proxy.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _send_answer(send, too_large(limit))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await self._whole_body(receive, send)
+        if body is None:
+            return
         query = scope.get("query_string", b"").decode("latin-1")
         fp = idempotency.fingerprint(
             scope["method"],
@@ -289,7 +290,13 @@ class MeteringMiddleware:
             return await receive()
 
         max_bytes = self.config.idempotency.max_response_bytes
-        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+        captured: dict[str, Any] = {
+            "status": 0,
+            "headers": [],
+            "body": bytearray(),
+            "over": False,
+            "whole": False,  # the app sent its last body message: a stream cut short is not kept
+        }
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -303,13 +310,20 @@ class MeteringMiddleware:
                 if len(captured["body"]) > max_bytes:
                     captured["over"], captured["body"] = True, bytearray()
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                captured["whole"] = True
 
         outcome = "unavailable"
         try:
             outcome = await self._serve(scope, replayed, capture, planned)
         finally:
             try:
-                if outcome == "served" and not captured["over"] and captured["status"]:
+                if (
+                    outcome == "served"
+                    and not captured["over"]
+                    and captured["status"]
+                    and captured["whole"]
+                ):
                     flow = idempotency.complete(
                         keys,
                         customer,
@@ -321,11 +335,30 @@ class MeteringMiddleware:
                         self.config.idempotency.ttl,
                     )
                 else:
-                    # refused, refunded, unavailable or too large: a retry is a new request
+                    # refused, refunded, unavailable, cut short or too large: a retry is new
                     flow = idempotency.release(keys, customer, key)
                 await self.meter.run(flow)
             except Exception:
                 logger.exception("metergate: could not record the outcome of Idempotency-Key")
+
+    async def _whole_body(self, receive: Receive, send: Send) -> bytes | None:
+        """Read a request's body whole, up to `proxy.max_body_bytes`; None when the client left
+        or the body was too large (answered 413)."""
+        limit = self.config.proxy.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_answer(send, too_large(limit))
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _refund(self, customer: str, attempt: str, operation: str) -> None:
         try:
@@ -475,9 +508,25 @@ class MeteringMiddleware:
                 self.recovery.refund(planned.customer, attempt, operation)
             await _send_answer(send, self.gate.unavailable())
             return
-        # The same Idempotency-Key retried while storage is down is still recorded once.
+        # The same request retried with its Idempotency-Key while storage is down is recorded
+        # once; another request under that key (another fingerprint, body included) is its own.
         key = planned.idempotency_key
-        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded-{uuid.uuid4().hex}"
+        if key:
+            body = await self._whole_body(receive, send)
+            if body is None:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
+                return
+            fp = idempotency.fingerprint(
+                scope["method"],
+                scope["path"],
+                scope.get("query_string", b"").decode("latin-1"),
+                {**planned.amounts, **planned.estimates},
+                hashlib.sha256(body).hexdigest(),
+            )
+            op = idempotency.degraded_operation(key, fp)
+            receive = _replaying(body, receive)
         tap = AsgiResponseTap(planned.route) if planned.route.body_costs else None
 
         async def defer(response_headers: Mapping[str, str], refunded: bool) -> None:

@@ -298,17 +298,14 @@ class WSGIMeteringMiddleware:
             environ, start_response, fields, settle, response_headers, tap, route.refund_on
         )
 
-    def _keyed(
-        self, environ: Environ, start_response: StartResponse, planned: Admission
-    ) -> Iterable[bytes]:
-        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
-        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
-        key = str(planned.idempotency_key)
+    def _whole_body(self, environ: Environ) -> bytes | None:
+        """Read a request's body whole, up to `proxy.max_body_bytes`, and leave it in
+        `wsgi.input` for the app; None when it is larger."""
         limit = self.config.proxy.max_body_bytes
         stream = environ.get("wsgi.input")
         length = str(environ.get("CONTENT_LENGTH") or "")
         if length.isdigit() and int(length) > limit:
-            return _answer(start_response, too_large(limit))
+            return None
         if stream is None:
             data = b""
         elif length.isdigit():
@@ -318,12 +315,24 @@ class WSGIMeteringMiddleware:
         else:
             data = b""
         if len(data) > limit:
-            return _answer(start_response, too_large(limit))
+            return None
         environ["wsgi.input"] = io.BytesIO(data)
         environ["CONTENT_LENGTH"] = str(len(data))
+        return data
+
+    def _keyed(
+        self, environ: Environ, start_response: StartResponse, planned: Admission
+    ) -> Iterable[bytes]:
+        """Serve a request carrying Idempotency-Key once (see core.idempotency): replay a
+        completed one, refuse a conflict or a duplicate in flight, store what may be replayed."""
+        key = str(planned.idempotency_key)
+        data = self._whole_body(environ)
+        if data is None:
+            return _answer(start_response, too_large(self.config.proxy.max_body_bytes))
         fp = idempotency.fingerprint(
             environ.get("REQUEST_METHOD", "GET"),
-            _path(environ),
+            # the path the route matched (as under ASGI): a retry spelling it otherwise is the same
+            normalize_decoded(_path(environ)),
             environ.get("QUERY_STRING", ""),
             {**planned.amounts, **planned.estimates},
             hashlib.sha256(data).hexdigest(),
@@ -353,7 +362,13 @@ class WSGIMeteringMiddleware:
             return _answer(start_response, problem(claim.outcome, 409, detail, retry))
 
         max_bytes = self.config.idempotency.max_response_bytes
-        captured: dict[str, Any] = {"status": 0, "headers": [], "body": bytearray(), "over": False}
+        captured: dict[str, Any] = {
+            "status": 0,
+            "headers": [],
+            "body": bytearray(),
+            "over": False,
+            "whole": False,  # the app's body was read to its end: a stream cut short is not kept
+        }
 
         def capture_start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
             code = status[:3]
@@ -365,7 +380,12 @@ class WSGIMeteringMiddleware:
 
         def finish() -> None:
             try:
-                if outcome[:1] == ["served"] and not captured["over"] and captured["status"]:
+                if (
+                    outcome[:1] == ["served"]
+                    and not captured["over"]
+                    and captured["status"]
+                    and captured["whole"]
+                ):
                     flow = idempotency.complete(
                         keys,
                         customer,
@@ -377,7 +397,7 @@ class WSGIMeteringMiddleware:
                         self.config.idempotency.ttl,
                     )
                 else:
-                    # refused, refunded, unavailable or too large: a retry is a new request
+                    # refused, refunded, unavailable, cut short or too large: a retry is new
                     flow = idempotency.release(keys, customer, key)
                 self.meter.run(flow)
             except Exception:
@@ -397,6 +417,7 @@ class WSGIMeteringMiddleware:
                         if len(captured["body"]) > max_bytes:
                             captured["over"], captured["body"] = True, bytearray()
                     yield chunk
+                captured["whole"] = True
             finally:
                 close = getattr(result, "close", None)
                 try:
@@ -497,9 +518,24 @@ class WSGIMeteringMiddleware:
             if attempt:
                 self.recovery.refund(planned.customer, attempt, operation)
             return _answer(start_response, self.gate.unavailable())
-        # The same Idempotency-Key retried while storage is down is still recorded once.
+        # The same request retried with its Idempotency-Key while storage is down is recorded
+        # once; another request under that key (another fingerprint, body included) is its own.
         key = planned.idempotency_key
-        op = f"degraded:{key}" if key else f"degraded-{uuid.uuid4().hex}"
+        op = f"degraded-{uuid.uuid4().hex}"
+        if key:
+            data = self._whole_body(environ)
+            if data is None:
+                if attempt:
+                    self.recovery.refund(planned.customer, attempt, operation)
+                return _answer(start_response, too_large(self.config.proxy.max_body_bytes))
+            fp = idempotency.fingerprint(
+                environ.get("REQUEST_METHOD", "GET"),
+                normalize_decoded(_path(environ)),
+                environ.get("QUERY_STRING", ""),
+                {**planned.amounts, **planned.estimates},
+                hashlib.sha256(data).hexdigest(),
+            )
+            op = idempotency.degraded_operation(key, fp)
         response_headers: dict[str, str] = {}
         route = planned.route
         tap = WsgiResponseTap(route, response_headers) if route.body_costs else None

@@ -450,3 +450,49 @@ def test_usage_read_while_storage_was_down_is_recorded_when_it_is_back(
         eventually(lambda: _assert_tokens(llm, (2 * TOTAL, 0, 0)))
     finally:
         redis_server.stop()
+
+
+def test_idempotency_key_replays_body_priced_completions_free(llm: Llm) -> None:
+    """A JSON and a streamed completion retried with their Idempotency-Keys are charged their
+    usage once each, and the retries get the same bodies, replayed."""
+    first = llm.client.post(
+        "/v1/chat/completions", json=chat(max_tokens=50), headers={"idempotency-key": "j-1"}
+    )
+    again = llm.client.post(
+        "/v1/chat/completions", json=chat(max_tokens=50), headers={"idempotency-key": "j-1"}
+    )
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert first.headers["metergate-balance"] == str(100_000 - 50)  # max_tokens held
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.content == first.content
+    assert llm.tokens() == (TOTAL, 0, 0)
+    body = chat(max_tokens=50, stream=True, stream_options={"include_usage": True})
+    streamed = []
+    for _ in range(2):
+        headers = {"idempotency-key": "s-1"}
+        with llm.client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            streamed.append((r.status_code, b"".join(r.iter_bytes()), r.headers))
+    assert [s[0] for s in streamed] == [200, 200]
+    assert streamed[1][1] == streamed[0][1]
+    assert b"[DONE]" in streamed[1][1]
+    assert streamed[1][2].get("idempotent-replayed") == "true"
+    assert llm.tokens() == (2 * TOTAL, 0, 0)
+    assert llm.available() == 100_000 - 2 * TOTAL
+
+
+def test_a_stream_the_client_left_is_not_replayed_cut_short(llm: Llm) -> None:
+    """A keyed stream the client left mid-way is charged once and never stored: a retry with its
+    Idempotency-Key is forwarded and metered as new, not answered with the cut-off stream."""
+    headers = {"x-script": "slow-usage-first", "idempotency-key": "left"}
+    body = chat(max_tokens=11)
+    with llm.client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert next(r.iter_bytes()).startswith(b"data: ")
+    eventually(lambda: _assert_tokens(llm, (5, 0, 0)), timeout=20)
+    time.sleep(0.5)
+    retry = llm.client.post(
+        "/v1/chat/completions", json=body, headers={**headers, "x-script": "middle"}
+    )
+    assert retry.headers.get("idempotent-replayed") != "true", retry.text[:200]
+    # forwarded and metered as new, as a response too large to store is
+    assert retry.status_code == 200 and retry.text.count("data: ") == 5
+    assert llm.tokens() == (5 + 40, 0, 0)

@@ -204,3 +204,31 @@ async def _never() -> dict[str, Any]:
 
 async def _discard(message: dict[str, Any]) -> None:
     pass
+
+
+def test_one_idempotency_key_does_not_buy_other_requests_while_storage_is_down(
+    start_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """Let through while storage is down, different requests sharing one Idempotency-Key are
+    each charged once storage is back; only a true retry (same request) is recorded once."""
+    redis_server = RedisProcess(tmp_path / "late-redis")
+    config = with_storage(copy.deepcopy(CONFIG), redis_server.url)
+    config["storage"]["on_failure"] = "open"
+    gateway = start_gateway(config)
+    try:
+        keyed = {**ACME, "idempotency-key": "one-key"}
+        sent = [("/v1/a", b"one"), ("/v1/b", b"one"), ("/v1/a", b"two"), ("/v1/a", b"one")]
+        for path, body in sent:
+            response = gateway.client.post(path, content=body, headers=keyed)
+            assert response.headers["metergate-degraded"] == "?1"
+        assert len(gateway.seen.paths()) == 4
+        redis_server.start()
+
+        def recorded() -> None:
+            # three different requests; the fourth retries the first
+            assert gateway.meter.usage("acme", "calls")["value"] == 3
+            assert gateway.meter.balance("acme", "credits").available == 1000 - 3
+
+        eventually(recorded)
+    finally:
+        redis_server.stop()

@@ -150,3 +150,20 @@ def test_idempotency_key_is_scoped_to_the_customer(gateway: Gateway) -> None:
         assert gateway.client.get("/v1/anything", headers=headers).status_code == 200
     assert gateway.meter.usage("acme", "calls")["value"] == 1
     assert gateway.meter.usage("broke", "calls")["value"] == 1
+
+
+def test_idempotency_key_after_a_refunded_answer_is_charged_once(gateway: Gateway) -> None:
+    """A keyed request answered 500 is refunded and its key given up: the retry is forwarded and
+    charged once, and a further retry replays it free."""
+    headers = {**ACME, "idempotency-key": "after-500"}
+    failed = gateway.client.get("/v1/anything", headers={**headers, "x-mode": "raise"})
+    assert failed.status_code == 500
+    assert gateway.meter.usage("acme", "calls")["value"] == 0
+    retried = gateway.client.get("/v1/anything", headers=headers)
+    again = gateway.client.get("/v1/anything", headers=headers)
+    assert (retried.status_code, again.status_code) == (200, 200)
+    assert "idempotent-replayed" not in retried.headers
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert gateway.seen.paths() == ["/v1/anything", "/v1/anything"]
+    assert gateway.meter.usage("acme", "calls")["value"] == 1
+    assert gateway.meter.balance("acme", "credits").available == 999

@@ -176,3 +176,35 @@ def test_the_admin_api_applies_the_same_name_rules(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         got = gw.admin_call("GET", "/v1/customers/we%3Aird%7B%7D/balances/s24%3A%7Bcredits%7D")
         assert got.json()["amount"] == 3
+
+
+def test_refunds_of_customers_whose_names_join_alike_undo_only_their_own(
+    make_meter: Callable[..., Any],
+) -> None:
+    """Refunding `zed:s24`'s admission gives back its own credit and units, never `zed`'s
+    `s24:credits`, and a name with braces is refunded in its own slot."""
+    cfg = two_customers()
+    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": 2}}
+    cfg["plans"]["priced"] = {
+        "assets": {"calls": {"period": "month", "balance": "credits", "tiers": [tier]}}
+    }
+    cfg["plans"]["priced24"] = {
+        "assets": {"calls": {"period": "month", "balance": "s24:credits", "tiers": [tier]}}
+    }
+    cfg["customers"]["zed"]["entitlement"] = {"plan": "priced24"}
+    cfg["customers"]["zed:s24"]["entitlement"] = {"plan": "priced"}
+    cfg["customers"]["{zed}"] = {
+        "entitlement": {"plan": "priced"},
+        "balances": {"credits": {"amount": 10}},
+    }
+    meter = make_meter(cfg)
+    attempts = {}
+    for cid in ("zed", "zed:s24", "{zed}"):
+        attempts[cid] = meter.core.new_attempt()
+        assert meter.admit(cid, {"calls": 1}, attempt=attempts[cid]).allowed
+    assert meter.refund("zed:s24", attempts["zed:s24"]) == "refunded"
+    assert meter.refund("{zed}", attempts["{zed}"]) == "refunded"
+    assert meter.balance("zed:s24", "credits").amount == 5
+    assert meter.balance("{zed}", "credits").amount == 10
+    assert meter.balance("zed", "s24:credits").amount == 98
+    assert [meter.usage(c, "calls")["value"] for c in ("zed", "zed:s24", "{zed}")] == [1, 0, 0]

@@ -206,3 +206,34 @@ def test_the_wsgi_middleware_matches_the_normalized_path(path: str) -> None:
     with Meter(cfg) as meter:
         assert meter.balance("acme", "credits").amount == 999
     assert reached == [path]
+
+
+@pytest.mark.parametrize("variant", ["/v1/./hello", "//v1/hello", "/x/../v1/hello"])
+def test_an_idempotency_key_retried_on_a_path_variant_is_replayed_under_wsgi(
+    storage_url: str, variant: str
+) -> None:
+    """Under WSGI as under ASGI, a retry spelling the same path differently is the same request:
+    replayed and charged once, not refused as a conflicting use of its Idempotency-Key."""
+    cfg = config("http://127.0.0.1:9", storage_url)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config=cfg)
+    statuses: list[str] = []
+    for path in ("/v1/hello", variant):
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": path,
+            "SCRIPT_NAME": "",
+            "QUERY_STRING": "",
+            "HTTP_AUTHORIZATION": f"Bearer {KEY}",
+            "HTTP_IDEMPOTENCY_KEY": "retry-1",
+            "wsgi.input": io.BytesIO(b""),
+        }
+        b"".join(middleware(environ, lambda status, headers, *a: statuses.append(status)))
+    middleware.meter.close()
+    assert statuses == ["200 OK", "200 OK"]
+    with Meter(cfg) as meter:
+        assert meter.balance("acme", "credits").amount == 999

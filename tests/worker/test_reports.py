@@ -301,3 +301,52 @@ def test_no_idle_close_for_a_period_the_admission_closed(storage_url: str, clock
         assert event["id"] == f"period:bob:calls:{pe // 1000}"
 
     run(scenario, storage_url)
+
+
+def test_usage_event_ids_of_names_with_colons_never_collide(
+    storage_url: str, clock: Clock, receiver: tuple[Recorder, Server]
+) -> None:
+    """Customer `acme:x` on `calls` and customer `acme` on `x:calls` get two different event ids."""
+    recorder, server = receiver
+    hook = {"url": server.url + "/hook", "secret": SECRET, "events": ["usage.reported"]}
+    metrics = {**METRICS, "x:calls": {"type": "CumulativeCounter"}}
+    config = gateway(storage_url, [hook], metrics=metrics)
+    now_ms = int(clock() * 1000)
+    _, end = window_of(now_ms, MINUTE_MS)
+
+    async def scenario(storage: AsyncStorage) -> None:
+        await record_usage(storage, "acme:x", "calls", now_ms, 3)
+        await record_usage(storage, "acme", "x:calls", now_ms, 4)
+        async with httpx.AsyncClient() as http:
+            worker = Worker(config, storage, clock, http)
+            clock.now = end / 1000 + 30
+            assert (await worker.run_once()).reported == 2
+        events = await outbox_events(storage, "usage.reported")
+        ids = {e["id"] for e in events}
+        assert len(ids) == 2, ids
+        # a receiver deduplicating by id keeps both
+        assert len(set(recorder.ids())) == 2
+
+    run(scenario, storage_url)
+
+
+def test_period_closed_ids_of_names_with_colons_never_collide(
+    storage_url: str, clock: Clock
+) -> None:
+    """Customer `acme:x` on `calls` and customer `acme` on `x:calls` close under two event ids."""
+    metrics = {**METRICS, "x:calls": {"type": "CumulativeCounter"}}
+    config = gateway(storage_url, [], metrics=metrics)
+    ps = int(datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    pe = int(datetime(2027, 2, 1, tzinfo=UTC).timestamp() * 1000)
+
+    async def scenario(storage: AsyncStorage) -> None:
+        await open_period(storage, "acme:x", "calls", ps, pe, v=1)
+        await open_period(storage, "acme", "x:calls", ps, pe, v=2)
+        async with httpx.AsyncClient() as http:
+            worker = Worker(config, storage, clock, http)
+            clock.now = pe / 1000 + 120
+            assert (await worker.run_once()).closed == 2
+        ids = {e["id"] for e in await outbox_events(storage, "period.closed")}
+        assert ids == {f"period:acme%3Ax:calls:{ps // 1000}", f"period:acme:x%3Acalls:{ps // 1000}"}
+
+    run(scenario, storage_url)

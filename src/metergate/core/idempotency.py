@@ -24,6 +24,7 @@ __all__ = [
     "Stored",
     "claim",
     "complete",
+    "degraded_operation",
     "fingerprint",
     "release",
 ]
@@ -43,6 +44,13 @@ def fingerprint(
     """Return the fingerprint of a request: method, path and query, metered amounts, body."""
     parts = [method.upper(), path, query, json.dumps(sorted(amounts.items())), body_sha256]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def degraded_operation(key: str, fp: str) -> str:
+    """Return the operation id recording a keyed request let through while storage was down: a
+    retry of the same request (same fingerprint) is recorded once, and another request under the
+    same key is recorded as its own, never bought by the first."""
+    return f"degraded:{key}:{fp}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -438,7 +438,7 @@ local function close_period(a)
     {'overage', a.closing.ovg, 'i'}, {'credits_charged', a.closing.crd, 'i'}}
   if a.kind == 'G' then fields[#fields + 1] = {'peak', a.closing.peak, 'i'} end
   emit_as(outbox, cust_key, customer, now, 'period.closed',
-    'period:' .. customer .. ':' .. a.metric .. ':' .. fmt(math.floor(a.stored_ps / 1000)), fields)
+    'period:' .. id_part(customer) .. ':' .. id_part(a.metric) .. ':' .. fmt(math.floor(a.stored_ps / 1000)), fields)
   a.w.cps = fmt(a.stored_ps)
 end
 

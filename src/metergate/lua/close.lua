@@ -42,7 +42,7 @@ local fields = {{'metric', metric, 's'}, {'period_start', iso_utc(ps), 's'},
   {'overage', tonumber(h[4] or '0'), 'i'}, {'credits_charged', tonumber(h[5] or '0'), 'i'}}
 if kind == 'G' then fields[#fields + 1] = {'peak', tonumber(h[6] or '0'), 'i'} end
 local id = emit_as(outbox, cust_key, customer, now, 'period.closed',
-  'period:' .. customer .. ':' .. metric .. ':' .. fmt(math.floor(ps / 1000)), fields)
+  'period:' .. id_part(customer) .. ':' .. id_part(metric) .. ':' .. fmt(math.floor(ps / 1000)), fields)
 redis.call('HSET', akey, 'cps', fmt(ps))
 redis.call('ZREM', closing, member)
 return {'closed', id}

@@ -30,6 +30,14 @@ local function fmt(n)
   return string.format('%d', n)
 end
 
+-- A name inside a stable event id (`usage:`, `period:`), escaped as keys escape it (core/names.py
+-- key_part): `%`, `:`, `{`, `}`. The `:` joining an id's parts is then never a name's own, so
+-- customer `a:b` on metric `c` and customer `a` on metric `b:c` never share an id.
+local ID_ESCAPES = {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'}
+local function id_part(name)
+  return (string.gsub(name, '[%%:{}]', ID_ESCAPES))
+end
+
 local function hint(key, field)
   local v = redis.call('HGET', key, field)
   if not v then return 0 end

@@ -109,7 +109,7 @@ for i = 1, k do
     else
       local ps = int(h[4] or '')
       emit_as(outbox, KEYS[5 + i], customer, now, 'usage.reported',
-        'usage:' .. customer .. ':' .. metric .. ':' .. fmt(math.floor(ws / 1000)),
+        'usage:' .. id_part(customer) .. ':' .. id_part(metric) .. ':' .. fmt(math.floor(ws / 1000)),
         {{'metric', metric, 's'}, {'window_start', ws_iso, 's'}, {'window_end', we_iso, 's'},
           {'quantity', tonumber(h[1] or '0'), 'i'}, {'overage_quantity', tonumber(h[2] or '0'), 'i'},
           {'credits_charged', tonumber(h[3] or '0'), 'i'},
