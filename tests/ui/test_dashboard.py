@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -237,9 +239,14 @@ def test_a_form_without_its_csrf_token_is_refused(browser: Any, dashboard: Dashb
     assert queued_copies(dashboard, event["id"]) == before
 
 
-def _session(dashboard: Dashboard) -> tuple[httpx.Client, str]:
-    """Sign in over plain HTTP; return the client (holding the cookie) and a page's CSRF token."""
-    client = httpx.Client(base_url=dashboard.url)
+@contextlib.contextmanager
+def _session(dashboard: Dashboard) -> Iterator[tuple[httpx.Client, str]]:
+    """Sign in over plain HTTP; yield the client (holding the cookie) and a page's CSRF token."""
+    with httpx.Client(base_url=dashboard.url) as client:
+        yield client, _signed_in(client)
+
+
+def _signed_in(client: httpx.Client) -> str:
     form = client.get("/ui/login")
     csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
     assert csrf is not None
@@ -248,7 +255,7 @@ def _session(dashboard: Dashboard) -> tuple[httpx.Client, str]:
     page = client.get("/ui/events")
     token = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert token is not None
-    return client, token.group(1)
+    return token.group(1)
 
 
 def test_posts_with_a_wrong_csrf_token_or_from_another_site_are_refused(
@@ -257,40 +264,38 @@ def test_posts_with_a_wrong_csrf_token_or_from_another_site_are_refused(
     """A wrong or missing CSRF token, or another site's Origin, is 403 and redelivers nothing."""
     event = _dead_letter(dashboard)
     before = queued_copies(dashboard, event["id"])
-    client, csrf = _session(dashboard)
-    for data, headers in (
-        ({"event": event["id"]}, {}),
-        ({"event": event["id"], "csrf": csrf[:-1] + "0"}, {}),
-        ({"event": event["id"], "csrf": csrf}, {"origin": "https://evil.example"}),
-    ):
-        refused = client.post("/ui/events/redeliver", data=data, headers=headers)
-        assert refused.status_code == 403
-    assert queued_copies(dashboard, event["id"]) == before
-    accepted = client.post("/ui/events/redeliver", data={"event": event["id"], "csrf": csrf})
-    assert accepted.status_code == 303
-    assert queued_copies(dashboard, event["id"]) == before + 1
-    client.close()
+    with _session(dashboard) as (client, csrf):
+        forged = csrf[:-1] + ("1" if csrf.endswith("0") else "0")  # one character off, never equal
+        for data, headers in (
+            ({"event": event["id"]}, {}),
+            ({"event": event["id"], "csrf": forged}, {}),
+            ({"event": event["id"], "csrf": csrf}, {"origin": "https://evil.example"}),
+        ):
+            refused = client.post("/ui/events/redeliver", data=data, headers=headers)
+            assert refused.status_code == 403
+        assert queued_copies(dashboard, event["id"]) == before
+        accepted = client.post("/ui/events/redeliver", data={"event": event["id"], "csrf": csrf})
+        assert accepted.status_code == 303
+        assert queued_copies(dashboard, event["id"]) == before + 1
 
 
 def test_sign_in_without_its_csrf_token_or_with_a_forged_cookie_is_refused(
     dashboard: Dashboard,
 ) -> None:
     """The sign-in form needs its CSRF token; a session cookie not signed by the server is ignored."""
-    client = httpx.Client(base_url=dashboard.url)
-    client.get("/ui/login")
-    assert client.post("/ui/login", data={"token": TOKEN}).status_code == 403
-    assert "mg_session" not in client.cookies
-    client.cookies.set("mg_session", "1.forged.0000", path="/ui/")
-    assert client.get("/ui/").status_code == 303
-    client.close()
+    with httpx.Client(base_url=dashboard.url) as client:
+        client.get("/ui/login")
+        assert client.post("/ui/login", data={"token": TOKEN}).status_code == 403
+        assert "mg_session" not in client.cookies
+        client.cookies.set("mg_session", "1.forged.0000", path="/ui/")
+        assert client.get("/ui/").status_code == 303
 
 
 def test_pages_forbid_scripts_and_framing(dashboard: Dashboard) -> None:
     """Every page carries a Content-Security-Policy allowing no script, and no framing."""
-    client, _ = _session(dashboard)
-    for page in ("/ui/", "/ui/events", "/ui/customers/acme", "/ui/login"):
-        policy = client.get(page).headers["content-security-policy"]
-        assert "default-src 'none'" in policy and "script-src" not in policy
-        assert "frame-ancestors 'none'" in policy
-    assert client.get("/ui/customers/nobody").status_code == 404
-    client.close()
+    with _session(dashboard) as (client, _csrf):
+        for page in ("/ui/", "/ui/events", "/ui/customers/acme", "/ui/login"):
+            policy = client.get(page).headers["content-security-policy"]
+            assert "default-src 'none'" in policy and "script-src" not in policy
+            assert "frame-ancestors 'none'" in policy
+        assert client.get("/ui/customers/nobody").status_code == 404
