@@ -205,7 +205,10 @@ class MeteringMiddleware:
             if refunded:
                 outcome = "refunded"
                 # the customer did not get what it paid for: undo the admission, holds too
-                await self._refund(ticket.customer, ticket.attempt, ticket.operation)
+                if ticket.allowance is not None:  # given in process: it goes back unused
+                    await self.meter.refund_ticket(ticket)
+                else:
+                    await self._refund(ticket.customer, ticket.attempt, ticket.operation)
                 return
             # After a disconnect, what the body reported so far (a complete event), else the
             # reserve.
@@ -370,6 +373,15 @@ class MeteringMiddleware:
 
     async def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
+        if not planned.estimates and not operation:
+            # fixed amounts: from this process's allowance when allowances are on
+            return await self.meter.admit_request(
+                planned.customer,
+                planned.amounts,
+                attempt=attempt,
+                hold_ttl_ms=route.reserve_ttl_ms,
+                lease_ttl_ms=route.lease_ttl_ms,
+            )
         return await self.meter.admit(
             planned.customer,
             planned.amounts,

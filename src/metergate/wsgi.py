@@ -269,6 +269,8 @@ class WSGIMeteringMiddleware:
         if ticket is None or not (ticket.estimated or ticket.leased or route.refund_on):
             # Nothing to settle or refund when the response is over: the body is the app's own.
             outcome.append("served")
+            if ticket is not None and ticket.allowance is not None:
+                self.meter.settle(ticket)  # given in process: served, as nothing refunds it
 
             def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
                 return start_response(status, [*headers, *fields], *args)
@@ -282,7 +284,13 @@ class WSGIMeteringMiddleware:
             outcome.append("refunded" if refunded else "served")
             if refunded:
                 # the customer did not get what it paid for: undo the admission, holds too
-                self._refund(ticket.customer, ticket.attempt, ticket.operation)
+                if ticket.allowance is not None:  # given in process: it goes back unused
+                    self.meter.refund_ticket(ticket)
+                else:
+                    self._refund(ticket.customer, ticket.attempt, ticket.operation)
+                return
+            if ticket.allowance is not None:
+                self.meter.settle(ticket)
                 return
             if not ticket.estimated and not ticket.leased:
                 return
@@ -438,6 +446,15 @@ class WSGIMeteringMiddleware:
 
     def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
+        if not planned.estimates and not operation:
+            # fixed amounts: from this process's allowance when allowances are on
+            return self.meter.admit_request(
+                planned.customer,
+                planned.amounts,
+                attempt=attempt,
+                hold_ttl_ms=route.reserve_ttl_ms,
+                lease_ttl_ms=route.lease_ttl_ms,
+            )
         return self.meter.admit(
             planned.customer,
             planned.amounts,

@@ -462,6 +462,24 @@ class MeterCore:
             )
         )
 
+    def grant(
+        self, customer: str, amounts: Mapping[str, int], requests: int, ttl_ms: int
+    ) -> Flow[Decision]:
+        """Take a local allowance: hold, as one estimate, up to `requests` requests of `amounts`
+        that stay inside every asset's current tier and above every balance's floor.
+
+        An allowed Decision's ticket holds the allowance (`requests` granted, `estimated` units
+        per metric); a refused one (problem `none`) means the next request goes per request:
+        it meets a boundary, or an asset may not be admitted locally (problem `ineligible`)."""
+        ops = {m: ("g", check_amount(v, f"amounts.{m}", positive=True)) for m, v in amounts.items()}
+        if not ops or requests < 1:
+            raise InvalidAmount("requests", "grant at least one request of one metric")
+        return (
+            yield from self._apply(
+                customer, ops, None, fingerprint=str(requests), hold_ttl_ms=ttl_ms, grant=True
+            )
+        )
+
     def new_attempt(self) -> str:
         """Return a fresh attempt id, unique across processes."""
         return f"{self._ids_prefix}{next(self._ids):x}"
@@ -602,6 +620,7 @@ class MeterCore:
         hold_ttl_ms: int = 300_000,
         lease_ttl_ms: int | None = None,
         attempt: str = "",
+        grant: bool = False,
     ) -> Flow[Decision]:
         if not self._bootstrapped:
             yield from self.bootstrap()
@@ -639,6 +658,8 @@ class MeterCore:
                     )
                 shape = ent.shapes[shape_key] = self._shape(customer, [plan[m] for m in ops])
             assets, balances = shape.assets, shape.balances
+            if grant and not all(a.local for a in assets):
+                return Decision(False, 0, "ineligible", customer)
             now_s = self.clock()
             now_ms = int(now_s * 1000)
             keys = [*shape.head]
@@ -691,6 +712,10 @@ class MeterCore:
                 rid = str(reply[1]) if len(reply) > 1 and reply[1] else hold_id
                 done = Ticket(customer, plan_name or ent.plan, rid, {}, {}, attempt=attempt)
                 return Decision(True, 200, None, customer, detail=ALREADY_APPLIED, ticket=done)
+            if grant:
+                return _granted(
+                    customer, ent.plan, hold_id, ops, assets, windows, balances, reply, now_s
+                )
             if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
@@ -1033,6 +1058,29 @@ def _insert_by_time(entries: list[dict[str, Any]], line: dict[str, Any]) -> None
             entries.insert(i, line)
             return
     entries.append(line)
+
+
+def _granted(
+    customer: str,
+    plan: str,
+    hold_id: str,
+    ops: Mapping[str, tuple[str, int]],
+    assets: list[CompiledAsset],
+    windows: list[tuple[int, int] | None],
+    balances: list[str],
+    reply: list[str | int],
+    now_s: float,
+) -> Decision:
+    """Decode a grant's reply: the admission's, with the requests granted in retry-after's place."""
+    if reply[0] != "200":
+        return Decision(False, 0, str(reply[1]) or "none", customer)
+    requests = int(reply[2])
+    reply = [reply[0], reply[1], -1, *reply[3:]]
+    estimated = {m: requests * per for m, (_mode, per) in ops.items()}
+    base = 5 + 7 * len(assets)
+    held = {name: int(reply[base + 3 + 3 * j]) for j, name in enumerate(balances)}
+    ticket = Ticket(customer, plan, hold_id, estimated, {}, requests=requests, held=held)
+    return _decision(customer, assets, windows, balances, reply, now_s, ticket)
 
 
 def _empty_balance(reply: list[str | int], n: int, m: int) -> bool:

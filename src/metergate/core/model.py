@@ -92,6 +92,13 @@ class Ticket:
     """The admission's attempt id: what a refund names."""
     operation: str = ""
     """The operation id of a keyed admission ('' without one)."""
+    requests: int = 0
+    """For an allowance's hold: the number of requests it holds."""
+    held: Mapping[str, int] = field(default_factory=dict)
+    """For an allowance's hold: the credits it holds, per balance."""
+    allowance: object | None = None
+    """For a request admitted in process: the local allowance it came from (what settles or
+    refunds it); for an allowance's own hold, None."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,9 @@ class CompiledAsset:
     """Per tier: 'b' base price, 'r' RateLimit, 'x' both, '-' neither (the state it keeps)."""
     limits: tuple[int | None, ...]
     """Per tier: the value at which admissions start to be refused, seen from that tier."""
+    local: bool = False
+    """Whether admissions may come from a local allowance: a counter, not `strict`, without a
+    RateLimit tier (a throttle counts each attempt in storage)."""
 
     def tier_index(self, value: int) -> int:
         """Return the index of the tier a value lies in (units beyond a tier's `from` are in it)."""
@@ -105,6 +108,9 @@ def _compile(metric: str, kind: str, asset: AssetConfig) -> CompiledAsset:
         tier_args=tuple(args),
         tier_flags=flags,
         limits=tuple(limits),
+        local=kind in ("CumulativeCounter", "TotalCounter")
+        and not asset.strict
+        and all(t.policy != "RateLimit" for t in asset.tiers),
     )
 
 

@@ -11,7 +11,8 @@
 --       estimates and their balance holds), 9 lease expiry (epoch ms, for UpDownCounter admissions),
 --       10 asset count n, 11 balance count m, then m balance names,
 --       then per asset: metric, type (C cumulative, T total, G gauge, U up-down),
---         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease), amount,
+--         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease, g grant an
+--         allowance: see below), amount,
 --         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
 --         balance index (0 = none), tier count, tier flags (one character per tier: 'b' when
 --         it has a base price, 'r' when it is a RateLimit tier, 'x' both, '-' neither), then per
@@ -31,6 +32,14 @@
 --   n, per asset: metric, type, mode, period start, units added, overage added, credits
 --   charged, tiers whose base it charged (comma-separated), units held or leased; then m, per
 --   balance: name, credits charged, credits held.
+-- A grant (every asset in mode 'g', ARGV 3 = the number of requests wanted, each of `amount`
+--   units) holds as an estimate the most requests, up to that number, that keep every asset
+--   inside its current tier (never past the next tier's `from`, a grace end, or into a tier whose
+--   entry would change a level, charge a base, refuse or suspend) and every balance above its
+--   floor. Its reply is an admission's, with the number granted in the retry-after place and
+--   each balance's credits held by this grant in the place of its total held;
+--   status 'none' when not one request fits: that admission goes per request (slug 'period'
+--   when it is the first of a period).
 -- Facts (T and G records, settlements, lease ends) are never refused: their consequences
 -- (levels, suspension, charges, even past a balance's floor) are recorded.
 -- A SuspendUsage crossing suspends its asset only when nothing else refuses the admission: a
@@ -69,7 +78,7 @@ if ver ~= '' and redis.call('HGET', cust_key, 'ver') ~= ver then return {'stale'
 
 -- Parse and validate everything before the first write: Redis has no rollback.
 local KINDS = {C = true, T = true, G = true, U = true}
-local MODES = {a = true, e = true, r = true, s = true, x = true}
+local MODES = {a = true, e = true, r = true, s = true, x = true, g = true}
 local POLICIES = {N = 'NotifyOnly', O = 'AllowWithOverage', G = 'AllowWithGrace', R = 'RateLimit',
   D = 'Deny', S = 'SuspendUsage'}
 local LEVELS = {'Normal', 'Warning', 'Critical', 'OverUsage'}
@@ -128,6 +137,7 @@ local function ensure_tiers(a, upto)
 end
 
 local assets = {}
+local grant = false
 for i = 1, n do
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
     ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
@@ -138,6 +148,10 @@ for i = 1, n do
     or not KINDS[a.kind] or not MODES[a.mode] or #a.flags ~= a.nt
     or string.find(a.flags, '[^-brx]') then
     return bad('asset', 'malformed arguments for ' .. a.metric)
+  end
+  if i == 1 then grant = a.mode == 'g' end
+  if (a.mode == 'g') ~= grant or (grant and a.kind ~= 'C' and a.kind ~= 'T') then
+    return bad('asset', 'a grant takes counters only, and every asset of the call')
   end
   local signed = (a.kind == 'U' and a.mode == 'r')
   if a.amount < 0 and not signed then return bad('amount', 'negative for ' .. a.metric) end
@@ -154,6 +168,13 @@ for i = 1, n do
   if err then return err end
   p = p + 9 * a.nt
   assets[i] = a
+end
+local want = 0
+if grant then
+  want = num(fp)
+  if not want or want < 1 or op_id ~= '' then
+    return bad('grant', 'the number of requests wanted must be a positive integer, without an operation id')
+  end
 end
 local uw_key, uw_open, closing = KEYS[5 + 2 * n + 2 * m], KEYS[6 + 2 * n + 2 * m],
   KEYS[7 + 2 * n + 2 * m]
@@ -342,6 +363,69 @@ end
 -- Decide. `status` is the first refusal other than a SuspendUsage crossing; `crossing` the first
 -- asset whose units would cross a SuspendUsage `from`.
 local status, slug, retry, refused = '200', '', -1, 0
+
+-- A grant: the most requests (up to `want`) that stay in every asset's tier and above every
+-- balance's floor. The checks below then see it as one estimate of that many requests' units.
+local granted, why = 0, ''
+if grant then
+  local r = want
+  for i = 1, n do
+    local a = assets[i]
+    local per = a.amount
+    local b = a.bi > 0 and bal[a.bi]
+    if b and (not b.exists or b.susp) then r = 0 end
+    if per > 0 and r > 0 then
+      local before = a.v + a.pend
+      -- the tier the next unit goes into; its tiers up to one request ahead are parsed above
+      local k = tier_of(a, before + 1)
+      local t = a.tiers[k]
+      if a.rollover then
+        r, why = 0, 'period' -- a period's first admission closes the last one: per request
+      elseif a.susp or t.level ~= a.lvl
+        or (t.policy ~= 'N' and t.policy ~= 'O' and t.policy ~= 'G')
+        or (t.base > 0 and a.base_flags[k] ~= a.ps) then
+        r = 0
+      else
+        local room = -1
+        local nxt = a.froms[k + 1]
+        if nxt then room = nxt - before end
+        if t.policy == 'G' and (room < 0 or t.from + t.grace - before < room) then
+          room = t.from + t.grace - before
+        end
+        if room >= 0 and math.floor(room / per) < r then r = math.floor(room / per) end
+      end
+    end
+  end
+  local function fits(c)
+    local held = {}
+    for i = 1, n do
+      local a = assets[i]
+      if a.bi > 0 then
+        local before = a.v + a.pend
+        held[a.bi] = (held[a.bi] or 0) + price(a, before, before + c * a.amount, false)
+      end
+    end
+    for j, h in pairs(held) do
+      local b = bal[j]
+      if h > 0 and b.amt - b.held - h < -b.ovg then return false end
+    end
+    return true
+  end
+  if r > 0 and not fits(r) then
+    local lo, hi = 0, r - 1
+    while lo < hi do
+      local mid = math.floor((lo + hi + 1) / 2)
+      if fits(mid) then lo = mid else hi = mid - 1 end
+    end
+    r = lo
+  end
+  granted = r
+  for i = 1, n do
+    assets[i].amount = r * assets[i].amount
+    assets[i].mode = 'e'
+  end
+  if r == 0 then status, slug = 'none', why end
+end
 local crossing = 0
 local facts = true
 for i = 1, n do
@@ -561,7 +645,8 @@ if status == '200' then
       if b.hold > 0 then
         redis.call('HSET', b.key, 'h:' .. rid, fmt(b.hold))
         redis.call('ZADD', b.xkey, hold_exp, rid)
-        ledger(ledger_key, b.key, now, rid, 'hold', b.name, 0, b.amt, b.held)
+        -- an allowance's hold is not a ledger line: one would be written per grant
+        if not grant then ledger(ledger_key, b.key, now, rid, 'hold', b.name, 0, b.amt, b.held) end
       end
       balance_events(b.name, before, b.amt - b.held, b.ovg, b.low, outbox, cust_key, customer, now)
     end
@@ -582,6 +667,7 @@ for i = 1, n do
 end
 
 -- Reply: numbers travel as integer replies (no formatting); the stored copy is strings.
+if grant then retry = granted end
 local reply = {status, slug, retry, refused, n}
 local r = 5
 for i = 1, n do
@@ -608,6 +694,7 @@ r = r + 1
 for j = 1, m do
   local b = bal[j]
   reply[r + 1], reply[r + 2], reply[r + 3] = b.amt - b.held, b.amt, b.held
+  if grant then reply[r + 3] = b.hold end -- what this allowance holds
   r = r + 3
 end
 -- Only admissions are remembered: a refused request retried later is decided anew.

@@ -1,0 +1,252 @@
+"""Local allowances: most requests admitted in process, from units taken from storage in advance.
+
+An allowance is one hold in storage (the grant in admit.lua): a number of requests of the same
+amounts, inside every asset's current tier and above every balance's floor, counted as pending on
+the quota and priced on the balance. Requests take from it with integer arithmetic. It stops
+giving after `flush_ms` (or when empty) and is then settled, once, for what its requests used: the
+units of the requests that ended without a refund, plus those still running at its deadline. What
+it did not give returns with that settlement, or, if the process dies, when the hold expires.
+
+The book is sans-I/O: it says what to grant and what to settle; the meters run the storage calls.
+It is shared by an event loop and by the threads of a WSGI server, so it takes a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from metergate.config import AllowancesConfig
+from metergate.core.model import AssetUsage, Decision, Ticket
+
+__all__ = ["Allowance", "Book", "Key"]
+
+Key = tuple[str, tuple[tuple[str, int], ...]]
+"""(customer, the request's (metric, units) pairs): requests of one key share allowances."""
+
+FIRST_REQUESTS = 8
+"""The size of a key's first allowance, before its rate is known."""
+
+
+@dataclass(eq=False, slots=True)
+class Allowance:
+    """One grant held in storage, and what this process has given from it."""
+
+    key: Key
+    hold: Ticket
+    """The storage hold: what settles the allowance."""
+    per: Mapping[str, int]
+    """Units of each metric per request."""
+    granted: int
+    opened: float
+    closes: float
+    """No request is given after this (monotonic seconds): the flush."""
+    deadline: float
+    """Settled by this time whatever is still running, well before the hold expires."""
+    base: Decision
+    """The grant's decision: usage and balances with the whole allowance held."""
+    held: Mapping[str, int] = field(default_factory=dict)
+    """Credits held per balance for the whole allowance."""
+    taken: int = 0
+    refunded: int = 0
+    running: int = 0
+    closed: bool = False
+    settled: bool = False
+
+    def used(self) -> dict[str, int]:
+        """The units to settle: every request given, less the refunded ones."""
+        n = self.taken - self.refunded
+        return {metric: n * units for metric, units in self.per.items()}
+
+
+class Book:
+    """This process's allowances, by key."""
+
+    def __init__(self, config: AllowancesConfig) -> None:
+        self.flush_s = config.flush_ms / 1000
+        self.ttl_s = config.ttl / 1000
+        self.max_units = config.max_units
+        self._open: dict[Key, Allowance] = {}
+        self._closed: list[Allowance] = []
+        self._cold: dict[Key, float] = {}
+        self._rate: dict[Key, float] = {}
+        self._lock = threading.Lock()
+
+    # -- the request path ----------------------------------------------------------------------
+
+    def take(self, key: Key, now: float) -> Decision | None:
+        """Admit one request from the key's allowance; None when it has none to give."""
+        with self._lock:
+            allowance = self._open.get(key)
+            if allowance is None:
+                return None
+            if allowance.taken >= allowance.granted or now >= allowance.closes:
+                self._close(allowance, now)
+                return None
+            allowance.taken += 1
+            allowance.running += 1
+            left = allowance.granted - allowance.taken
+            if left == 0:
+                self._close(allowance, now)
+        return _decision(allowance, left)
+
+    def take_peek(self, key: Key, now: float) -> bool:
+        """Whether the key has an allowance with a request to give."""
+        allowance = self._open.get(key)
+        return (
+            allowance is not None and allowance.taken < allowance.granted and now < allowance.closes
+        )
+
+    def cold(self, key: Key, now: float) -> bool:
+        """Whether the key's requests go per request for now (its last grant gave nothing)."""
+        until = self._cold.get(key)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._cold[key]
+        return False
+
+    def wanted(self, key: Key, per: Mapping[str, int]) -> int:
+        """How many requests to ask for: what the key's rate uses in 1.5 flushes, capped by
+        `max_units`; storage then shortens it to the distance to the next boundary."""
+        cap = max(1, self.max_units // max(max(per.values()), 1))
+        rate = self._rate.get(key)
+        if rate is None:
+            return min(FIRST_REQUESTS, cap)
+        return max(1, min(cap, math.ceil(rate * self.flush_s * 1.5) + 1))
+
+    def opened(self, key: Key, decision: Decision, per: Mapping[str, int], now: float) -> None:
+        """Keep a grant's allowance; a refused grant sends the key per request for a flush."""
+        hold = decision.ticket
+        with self._lock:
+            if not decision.allowed or hold is None or hold.requests < 1:
+                if decision.problem != "period":  # a period's first request: try again after
+                    # `ineligible` (strict assets, throttles) does not change within a plan
+                    pause = self.ttl_s * 5 if decision.problem == "ineligible" else self.flush_s
+                    self._cold[key] = now + pause
+                return
+            old = self._open.get(key)
+            if old is not None:
+                self._close(old, now)
+            self._open[key] = Allowance(
+                key=key,
+                hold=hold,
+                per=dict(per),
+                granted=hold.requests,
+                opened=now,
+                closes=now + self.flush_s,
+                # the hold lives `ttl` from the grant; settle with half of it to spare
+                deadline=now + max(self.flush_s, self.ttl_s / 2),
+                base=decision,
+                held=dict(hold.held),
+            )
+
+    def finish(self, ticket: Ticket, refunded: bool) -> None:
+        """A request given from an allowance ended; `refunded` when it is not to be charged."""
+        allowance = ticket.allowance
+        if not isinstance(allowance, Allowance):
+            return
+        with self._lock:
+            if allowance.settled:
+                return  # settled at its deadline with this request counted as used
+            allowance.running -= 1
+            if refunded:
+                allowance.refunded += 1
+
+    # -- the background path -------------------------------------------------------------------
+
+    def ready(self, customer: str) -> list[Allowance]:
+        """Return the customer's closed allowances that are ready to settle (none running)."""
+        with self._lock:
+            ready = [a for a in self._closed if a.key[0] == customer and a.running <= 0]
+            for allowance in ready:
+                allowance.settled = True
+            self._closed = [a for a in self._closed if not a.settled]
+        return ready
+
+    def due(
+        self, now: float, customer: str | None = None, everything: bool = False
+    ) -> list[Allowance]:
+        """Close the allowances whose time is up and return those ready to settle: closed, with
+        no request running (or past their deadline). `customer` closes that customer's at once
+        (a read or change of its state must see every unit); `everything` closes all."""
+        with self._lock:
+            for allowance in list(self._open.values()):
+                if (
+                    everything
+                    or now >= allowance.closes
+                    or (customer is not None and allowance.key[0] == customer)
+                ):
+                    self._close(allowance, now)
+            ready = [
+                a
+                for a in self._closed
+                if not a.settled and (a.running <= 0 or now >= a.deadline or everything)
+            ]
+            for allowance in ready:
+                allowance.settled = True
+            self._closed = [a for a in self._closed if not a.settled]
+        return ready
+
+    def retry(self, allowance: Allowance) -> None:
+        """Keep an allowance whose settlement failed, to settle it again."""
+        with self._lock:
+            allowance.settled = False
+            self._closed.append(allowance)
+
+    def holds(self, customer: str) -> bool:
+        """Whether this process holds an allowance of `customer`, open or unsettled."""
+        with self._lock:
+            return any(a.key[0] == customer for a in self._open.values()) or any(
+                a.key[0] == customer for a in self._closed
+            )
+
+    def __len__(self) -> int:
+        return len(self._open) + len(self._closed)
+
+    def _close(self, allowance: Allowance, now: float) -> None:
+        if allowance.closed:
+            return
+        allowance.closed = True
+        if self._open.get(allowance.key) is allowance:
+            del self._open[allowance.key]
+        self._closed.append(allowance)
+        elapsed = max(now - allowance.opened, 0.001)
+        # an allowance emptied early says the rate is at least that; one that lasted says it
+        self._rate[allowance.key] = allowance.taken / elapsed
+
+
+def _decision(allowance: Allowance, left: int) -> Decision:
+    """The decision of a request given from an allowance, with the fields storage would give
+    had it been admitted alone: the allowance's unused requests are still free."""
+    base = allowance.base
+    assets: dict[str, AssetUsage] = {}
+    for metric, usage in base.assets.items():
+        remaining = usage.remaining
+        if remaining is not None:
+            remaining += left * allowance.per[metric]
+        assets[metric] = AssetUsage(
+            usage.metric,
+            usage.value,
+            usage.pending,
+            usage.level,
+            usage.policy,
+            usage.limit,
+            remaining,
+            usage.overage,
+            usage.suspended,
+            usage.period_start,
+            usage.period_end,
+        )
+    balances = {
+        name: available + allowance.held.get(name, 0) * left // allowance.granted
+        for name, available in base.balances.items()
+    }
+    hold = allowance.hold
+    ticket = Ticket(hold.customer, hold.plan, hold.hold_id, {}, {}, allowance=allowance)
+    return Decision(
+        True, 200, None, hold.customer, base.level, assets=assets, balances=balances, ticket=ticket
+    )
