@@ -432,11 +432,8 @@ class IdempotencyConfig(_Model):
 
 
 class AllowancesConfig(_Model):
-    """Per-process allowances taken from storage in advance (SPEC section 2, local allowances).
-
-    This release decides every admission in storage, per request, which is what the allowance
-    rules fall back to at every boundary: the settings are validated and kept, and limits are
-    exact either way. See the README's "Allowances" note."""
+    """Per-process allowances taken from storage in advance (SPEC section 2, local allowances;
+    the README's "Allowances" note)."""
 
     enabled: bool = False
     flush_ms: Annotated[StrictInt, Field(gt=0, le=3_600_000)] = 250

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -339,11 +338,6 @@ class Gate:
         self.routes = RouteTable(config.routes)
         self.identity_header = config.identity.header.lower()
         self.costs = dict(costs or {})
-        if config.allowances.enabled:
-            logging.getLogger("metergate").info(
-                "metergate: allowances are configured; this release decides every admission "
-                "in storage, per request (limits stay exact)"
-            )
 
     def key_of(self, headers: Mapping[str, str]) -> str | None:
         """Return the API key a request carries (never logged)."""
