@@ -225,6 +225,7 @@ class AdminAPI:
 
     async def customer(self, cid: str) -> dict[str, Any]:
         """Return a customer as `GET /v1/customers/{id}` shows it (the dashboard reads it too)."""
+        await self.meter.sync(cid)  # count what this process's allowances gave
         view = await self.meter.run(directory.customer_view(self.meter.core, cid))
         balances = {}
         for name in view["balances"]:
@@ -337,6 +338,7 @@ class AdminAPI:
         # (made, or still on its way) is cancelled by it, so a 503 never leaves a hold behind.
         key = given or f"auto:{uuid.uuid4().hex}"
         try:
+            await self.meter.sync(cid)
             rid, expires = await self.meter.run(
                 self.meter.core.reserve(cid, name, body.amount, body.ttl_s, key)
             )

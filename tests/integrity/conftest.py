@@ -23,6 +23,8 @@ from conftest import RedisProcess, serve_process
 from metergate.config import hash_api_key
 
 TOKEN = "integrity-admin-token-0123"
+ALLOWANCES = os.environ.get("METERGATE_TEST_ALLOWANCES") == "1"
+"""Run the suite with local allowances on (the config's default is off)."""
 PRICE = 1
 
 
@@ -97,6 +99,7 @@ def gateway_config(
         ],
         "proxy": {"upstream": upstream, "timeout_s": 1, "max_body_bytes": 1000},
         "admin": {"token": TOKEN},
+        "allowances": {"enabled": ALLOWANCES},
     }
 
 

@@ -219,6 +219,7 @@ class Dashboard:
     async def customer(self, request: Request, sid: str) -> Response:
         raw = request.query_params.get("page", "1")
         page = int(raw) if raw.isdigit() and 0 < int(raw) <= 10_000 else 1
+        await self.api.meter.sync(request.path_params["cid"])  # count what allowances gave
         data = await customer_page(self.api, request.path_params["cid"], page)
         return self._render(
             request, "customer.html", csrf=self.sessions.csrf(sid), signed_in=True, **data
