@@ -46,6 +46,16 @@ def starlette_metered() -> Any:
     return MeteringMiddleware(starlette_bare(), scenario.gateway_config(_redis()))
 
 
+def starlette_allowances() -> Any:
+    """The Starlette app in MeteringMiddleware with local allowances: most requests admitted in
+    process, from allowances taken (and settled) by one script call each."""
+    from metergate import MeteringMiddleware
+
+    config = scenario.gateway_config(_redis())
+    config["allowances"] = {"enabled": True}
+    return MeteringMiddleware(starlette_bare(), config)
+
+
 class OneRoundTrip:
     """The floor of any metering middleware: one PING on metergate's pipelined connection per request.
 

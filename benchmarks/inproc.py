@@ -12,6 +12,7 @@ The steps, each measured in every round:
 - one round trip: a middleware that sends one PING on metergate's pipelined connection per request
   and waits for it (the floor of any middleware that asks Redis something per request).
 - MeteringMiddleware: the real thing (API key, route, one admission script, RateLimit fields).
+- with allowances: the same with `allowances.enabled`: most requests admitted in process.
 """
 
 from __future__ import annotations
@@ -85,7 +86,13 @@ class _PassThrough:
         await self.app(scope, receive, send)
 
 
-STEPS = ["bare Starlette", "pass-through middleware", "one round trip", "MeteringMiddleware"]
+STEPS = [
+    "bare Starlette",
+    "pass-through middleware",
+    "one round trip",
+    "MeteringMiddleware",
+    "  with allowances",
+]
 
 
 def _app(label: str, url: str) -> Any:
@@ -97,6 +104,8 @@ def _app(label: str, url: str) -> Any:
         return _PassThrough(apps.starlette_bare())
     if label == "one round trip":
         return apps.OneRoundTrip(apps.starlette_bare(), url)
+    if label == "  with allowances":
+        return apps.starlette_allowances()
     return apps.starlette_metered()
 
 
