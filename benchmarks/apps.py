@@ -121,6 +121,17 @@ def flask_metered() -> Any:
     return app
 
 
+def flask_allowances() -> Any:
+    """The Flask app with WSGIMeteringMiddleware and local allowances."""
+    from metergate import WSGIMeteringMiddleware
+
+    config = scenario.gateway_config(_redis())
+    config["allowances"] = {"enabled": True}
+    app = flask_bare()
+    app.wsgi_app = WSGIMeteringMiddleware(app.wsgi_app, config)
+    return app
+
+
 def proxy_metergate() -> Any:
     """metergate.create_app: the shipped metered reverse proxy (httpx.AsyncClient)."""
     from metergate import create_app

@@ -86,7 +86,7 @@ def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Serv
 
     if "asgi" in sections or "proxy" in sections:
         for loop in LOOPS if "asgi" in sections else ("uvloop",):
-            for app in ("bare", "metered", "slowapi", "roundtrip"):
+            for app in ("bare", "metered", "allowances", "slowapi", "roundtrip"):
                 if app != "bare" and "asgi" not in sections:
                     continue
                 add(
@@ -99,26 +99,29 @@ def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Serv
                     "baseline": f"starlette-bare@{loop}",
                     "variants": [
                         f"starlette-metered@{loop}",
+                        f"starlette-allowances@{loop}",
                         f"starlette-slowapi@{loop}",
                         f"starlette-roundtrip@{loop}",
                     ],
                     "labels": {
                         f"starlette-bare@{loop}": "bare Starlette",
                         f"starlette-metered@{loop}": "MeteringMiddleware",
+                        f"starlette-allowances@{loop}": "MeteringMiddleware, allowances",
                         f"starlette-slowapi@{loop}": "slowapi + limits (Redis)",
                         f"starlette-roundtrip@{loop}": "floor: one pipelined PING per request",
                     },
                 }
     if "wsgi" in sections:
         for kind in ("gunicorn", "waitress"):
-            for app in ("bare", "metered"):
+            for app in ("bare", "metered", "allowances"):
                 add(f"flask-{app}@{kind}", lambda p, k=kind, a=app: wsgi_server(k, f"flask_{a}", p))
             groups[f"wsgi-{kind}"] = {
                 "baseline": f"flask-bare@{kind}",
-                "variants": [f"flask-metered@{kind}"],
+                "variants": [f"flask-metered@{kind}", f"flask-allowances@{kind}"],
                 "labels": {
                     f"flask-bare@{kind}": "bare Flask",
                     f"flask-metered@{kind}": "WSGIMeteringMiddleware",
+                    f"flask-allowances@{kind}": "WSGIMeteringMiddleware, allowances",
                 },
             }
     if "proxy" in sections:
@@ -334,11 +337,36 @@ def targets(results: dict[str, Any], measurements: list[dict[str, Any]]) -> list
         name = "MeteringMiddleware ratio / slowapi ratio"
         ok = quotient is not None and quotient >= 4
         add(name, ">= 4x", quotient, ok, report._fmt(quotient, unit="x"))
+        local = http["asgi-uvloop"]["variants"].get("starlette-allowances@uvloop")
+        if local is not None:
+            ratio, p50 = local["ratio"], local["added_p50_us"]
+            name = "with allowances: MeteringMiddleware throughput vs bare (uvloop)"
+            add(name, ">= 0.80", ratio, ratio is not None and ratio >= 0.80)
+            name = "with allowances: added p50 at 1 connection"
+            add(name, "<= 60 us", p50, p50 is not None and p50 <= 60, report._us(p50))
+            quotient = report.paired_quotient(
+                measurements,
+                "asgi-uvloop",
+                "starlette-allowances@uvloop",
+                "starlette-slowapi@uvloop",
+                "starlette-bare@uvloop",
+            )
+            name = "with allowances: ratio / slowapi ratio"
+            ok = quotient is not None and quotient >= 4
+            add(name, ">= 4x", quotient, ok, report._fmt(quotient, unit="x"))
+            name = "with allowances: Redis CPU per request"
+            cpu = local.get("redis_cpu_us_per_request")
+            add(name, "<= 3 us", cpu, cpu is not None and cpu <= 3, report._fmt(cpu, 1, " us"))
     for kind in ("gunicorn", "waitress"):
         if f"wsgi-{kind}" in http:
             ratio = http[f"wsgi-{kind}"]["variants"][f"flask-metered@{kind}"]["ratio"]
             name = f"WSGIMeteringMiddleware throughput vs bare ({kind})"
             add(name, ">= 0.8", ratio, ratio is not None and ratio >= 0.8)
+            local = http[f"wsgi-{kind}"]["variants"].get(f"flask-allowances@{kind}")
+            if local is not None:
+                ratio = local["ratio"]
+                name = f"with allowances: WSGIMeteringMiddleware throughput vs bare ({kind})"
+                add(name, ">= 0.85", ratio, ratio is not None and ratio >= 0.85)
     if "proxy" in http:
         ratio = http["proxy"]["variants"]["proxy-metergate"]["ratio"]
         name = "reverse proxy (as shipped) throughput vs direct"

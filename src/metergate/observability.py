@@ -51,6 +51,11 @@ WEBHOOK_BACKLOG = Gauge(
 _ALLOWED = ADMISSIONS.labels("allowed")
 
 
+def observe_local() -> None:
+    """Count one admission given from a local allowance (decided in process, no storage time)."""
+    _ALLOWED.inc()
+
+
 def observe(decision: Decision, seconds: float) -> None:
     """Count one decided admission by outcome and record how long deciding it took."""
     if decision.allowed:

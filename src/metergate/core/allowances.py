@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from metergate.config import AllowancesConfig
+from metergate.core.http import sf_string
 from metergate.core.model import AssetUsage, Decision, Ticket
 
 __all__ = ["Allowance", "Book", "Key"]
@@ -54,11 +55,80 @@ class Allowance:
     running: int = 0
     closed: bool = False
     settled: bool = False
+    encoded: Encoded | None = None
+    """The response fields' parts that stay the same for every request it gives."""
 
     def used(self) -> dict[str, int]:
         """The units to settle: every request given, less the refunded ones."""
         n = self.taken - self.refunded
         return {metric: n * units for metric, units in self.per.items()}
+
+    def fields(self, left: int, now_s: float) -> list[tuple[str, str]]:
+        """The RateLimit and Metergate fields of a request it gave, `left` requests still free:
+        what a per-request admission would answer (see `core.http.ratelimit_fields`)."""
+        encoded = self.encoded
+        if encoded is None:
+            encoded = self.encoded = _encode(self)
+        out: list[tuple[str, str]] = []
+        if encoded.policy:
+            items = []
+            for name, base, per, end in encoded.limits:
+                remaining = base + left * per
+                if end is None:
+                    items.append(f"{name};r={remaining}")
+                else:
+                    items.append(f"{name};r={remaining};t={max(0, math.ceil(end - now_s))}")
+            out.append(("ratelimit-policy", encoded.policy))
+            out.append(("ratelimit", ", ".join(items)))
+        if encoded.level:
+            out.append(("metergate-level", encoded.level))
+        if encoded.balances:
+            granted = self.granted
+            shown = [(name, base + held * left // granted) for name, base, held in encoded.balances]
+            if len(shown) == 1:
+                out.append(("metergate-balance", str(shown[0][1])))
+            else:
+                text = ", ".join(f"{name}={value}" for name, value in shown)
+                out.append(("metergate-balance", text))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """The parts of an allowance's response fields that do not change from request to request."""
+
+    policy: str
+    limits: tuple[tuple[str, int, int, float | None], ...]
+    """Per limited asset: its quoted name, remaining with the whole allowance taken, units per
+    request, period end (epoch seconds; None without a period)."""
+    level: str
+    balances: tuple[tuple[str, int, int], ...]
+    """Per balance: name, available with the whole allowance held, credits the allowance holds."""
+
+
+def _encode(allowance: Allowance) -> Encoded:
+    base = allowance.base
+    policies: list[str] = []
+    limits: list[tuple[str, int, int, float | None]] = []
+    for metric, usage in base.assets.items():
+        if usage.limit is None:
+            continue
+        name = sf_string(metric)
+        start, end = usage.period_start, usage.period_end
+        window = end - start if start is not None and end is not None else None
+        policies.append(f"{name};q={usage.limit}" + ("" if window is None else f";w={window}"))
+        limits.append(
+            (name, usage.remaining or 0, allowance.per[metric], end if window is not None else None)
+        )
+    return Encoded(
+        policy=", ".join(policies),
+        limits=tuple(limits),
+        level=base.level or "",
+        balances=tuple(
+            (name, available, allowance.held.get(name, 0))
+            for name, available in base.balances.items()
+        ),
+    )
 
 
 class Book:
@@ -78,6 +148,12 @@ class Book:
 
     def take(self, key: Key, now: float) -> Decision | None:
         """Admit one request from the key's allowance; None when it has none to give."""
+        got = self.take_local(key, now)
+        return None if got is None else _decision(*got)
+
+    def take_local(self, key: Key, now: float) -> tuple[Allowance, int] | None:
+        """Admit one request from the key's allowance: the allowance and the requests it has
+        still free (for its fields); None when it has none to give. `release` ends it."""
         with self._lock:
             allowance = self._open.get(key)
             if allowance is None:
@@ -90,7 +166,7 @@ class Book:
             left = allowance.granted - allowance.taken
             if left == 0:
                 self._close(allowance, now)
-        return _decision(allowance, left)
+        return allowance, left
 
     def take_peek(self, key: Key, now: float) -> bool:
         """Whether the key has an allowance with a request to give."""
@@ -147,8 +223,11 @@ class Book:
     def finish(self, ticket: Ticket, refunded: bool) -> None:
         """A request given from an allowance ended; `refunded` when it is not to be charged."""
         allowance = ticket.allowance
-        if not isinstance(allowance, Allowance):
-            return
+        if isinstance(allowance, Allowance):
+            self.release(allowance, refunded)
+
+    def release(self, allowance: Allowance, refunded: bool) -> None:
+        """A request given from `allowance` ended; `refunded` when it is not to be charged."""
         with self._lock:
             if allowance.settled:
                 return  # settled at its deadline with this request counted as used

@@ -104,6 +104,9 @@ class CompiledRoute:
     request_scan_bytes: int = MAX_SCAN_BYTES
     refund_on: frozenset[int] = frozenset()
     """The response statuses whose admission is refunded."""
+    fixed: tuple[tuple[str, int], ...] | None = None
+    """(metric, units) of every cost when all are constants: such a request may be admitted
+    from a local allowance without building an Admission."""
 
 
 def _methods(methods: Sequence[str] | None) -> frozenset[str] | None:
@@ -138,6 +141,17 @@ def _compile_route(route: RouteConfig) -> CompiledRoute:
         ),
         request_scan_bytes=max([n for n in scan if n is not None] or [MAX_SCAN_BYTES]),
         refund_on=refund_statuses(route.refund_on),
+        fixed=tuple((c.metric, c.constant) for c in costs)
+        if costs
+        and all(
+            c.header is None
+            and c.response_header is None
+            and c.body is None
+            and c.request_reserve is None
+            and c.constant > 0
+            for c in costs
+        )
+        else None,
     )
 
 
@@ -243,16 +257,17 @@ def too_large(limit: int) -> Answer:
 
 
 @functools.lru_cache(maxsize=4096)
-def _sf_string(value: str) -> str:
+def sf_string(value: str) -> str:
+    """An RFC 8941 String item."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @functools.lru_cache(maxsize=4096)
 def _policy_item(name: str, limit: int, window: int | None, unit: str | None = None) -> str:
     """One RateLimit-Policy item; its parts change only with the plan or the period."""
-    item = f"{_sf_string(name)};q={limit}"
+    item = f"{sf_string(name)};q={limit}"
     if unit is not None:
-        item += f";qu={_sf_string(unit)}"
+        item += f";qu={sf_string(unit)}"
     return item if window is None else f"{item};w={window}"
 
 
@@ -266,15 +281,15 @@ def ratelimit_fields(decision: Decision, now_s: float) -> list[tuple[str, str]]:
             if start is not None and end is not None:
                 policies.append(_policy_item(metric, usage.limit, end - start))
                 reset = max(0, math.ceil(end - now_s))
-                limits.append(f"{_sf_string(metric)};r={usage.remaining or 0};t={reset}")
+                limits.append(f"{sf_string(metric)};r={usage.remaining or 0};t={reset}")
             else:
                 unit = "concurrent-requests" if usage.concurrent else None
                 policies.append(_policy_item(metric, usage.limit, None, unit))
-                limits.append(f"{_sf_string(metric)};r={usage.remaining or 0}")
+                limits.append(f"{sf_string(metric)};r={usage.remaining or 0}")
         if usage.throttle is not None:
             name = f"{metric}-throttle"
             policies.append(_policy_item(name, usage.throttle.limit, usage.throttle.per_s))
-            limits.append(f"{_sf_string(name)};r={usage.throttle.remaining}")
+            limits.append(f"{sf_string(name)};r={usage.throttle.remaining}")
     fields: list[tuple[str, str]] = []
     if policies:
         fields.append(("ratelimit-policy", ", ".join(policies)))
