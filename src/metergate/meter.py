@@ -148,7 +148,8 @@ class Meter:
             decision = book.take(key, time.monotonic())
             if decision is not None:
                 return decision
-            if not book.cold(key, time.monotonic()):
+            now = time.monotonic()
+            if not book.cold(key, now) and book.busy(key, now):
                 # a grant emptied by the threads that waited for it is taken again, twice
                 for _round in range(3):
                     if not self._grant(book, key, amounts):
@@ -510,7 +511,8 @@ class AsyncMeter:
             decision = book.take(key, time.monotonic())
             if decision is not None:
                 return decision
-            if not book.cold(key, time.monotonic()):
+            now = time.monotonic()
+            if not book.cold(key, now) and book.busy(key, now):
                 # a grant emptied by the requests that waited for it is taken again, twice
                 for _round in range(3):
                     if not await self._grant(book, key, amounts):

@@ -22,13 +22,13 @@ from metergate.config import AllowancesConfig
 from metergate.core.http import sf_string
 from metergate.core.model import AssetUsage, Decision, Ticket
 
-__all__ = ["Allowance", "Book", "Key"]
+__all__ = ["Allowance", "Book", "Key", "decision_for"]
 
 Key = tuple[str, tuple[tuple[str, int], ...]]
 """(customer, the request's (metric, units) pairs): requests of one key share allowances."""
 
-FIRST_REQUESTS = 8
-"""The size of a key's first allowance, before its rate is known."""
+SEEN_KEYS = 100_000
+"""Keys whose last per-request admission is remembered (to tell busy keys); cleared beyond."""
 
 
 @dataclass(eq=False, slots=True)
@@ -142,6 +142,7 @@ class Book:
         self._closed: list[Allowance] = []
         self._cold: dict[Key, float] = {}
         self._rate: dict[Key, float] = {}
+        self._seen: dict[Key, float] = {}
         self._lock = threading.Lock()
 
     # -- the request path ----------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Book:
     def take(self, key: Key, now: float) -> Decision | None:
         """Admit one request from the key's allowance; None when it has none to give."""
         got = self.take_local(key, now)
-        return None if got is None else _decision(*got)
+        return None if got is None else decision_for(*got)
 
     def take_local(self, key: Key, now: float) -> tuple[Allowance, int] | None:
         """Admit one request from the key's allowance: the allowance and the requests it has
@@ -185,13 +186,25 @@ class Book:
         del self._cold[key]
         return False
 
+    def busy(self, key: Key, now: float) -> bool:
+        """Whether the key is busy enough for an allowance: its previous request came within
+        one flush. A grant and a settlement cost two storage calls: a key asking less often
+        than once a flush is cheaper per request."""
+        previous = self._seen.get(key)
+        if len(self._seen) >= SEEN_KEYS:
+            self._seen.clear()
+        self._seen[key] = now
+        if previous is None or now - previous > self.flush_s:
+            return False
+        if key not in self._rate:
+            self._rate[key] = 1 / max(now - previous, 1e-4)
+        return True
+
     def wanted(self, key: Key, per: Mapping[str, int]) -> int:
         """How many requests to ask for: what the key's rate uses in 1.5 flushes, capped by
         `max_units`; storage then shortens it to the distance to the next boundary."""
         cap = max(1, self.max_units // max(max(per.values()), 1))
-        rate = self._rate.get(key)
-        if rate is None:
-            return min(FIRST_REQUESTS, cap)
+        rate = self._rate.get(key, 1 / self.flush_s)
         return max(1, min(cap, math.ceil(rate * self.flush_s * 1.5) + 1))
 
     def opened(self, key: Key, decision: Decision, per: Mapping[str, int], now: float) -> None:
@@ -295,10 +308,15 @@ class Book:
         self._closed.append(allowance)
         elapsed = max(now - allowance.opened, 0.001)
         # an allowance emptied early says the rate is at least that; one that lasted says it
-        self._rate[allowance.key] = allowance.taken / elapsed
+        rate = allowance.taken / elapsed
+        if rate * self.flush_s >= 1:
+            self._rate[allowance.key] = rate
+            self._seen[allowance.key] = now  # still busy: its next request takes a new one
+        else:
+            self._rate.pop(allowance.key, None)  # gone quiet: per request until busy again
 
 
-def _decision(allowance: Allowance, left: int) -> Decision:
+def decision_for(allowance: Allowance, left: int) -> Decision:
     """The decision of a request given from an allowance, with the fields storage would give
     had it been admitted alone: the allowance's unused requests are still free."""
     base = allowance.base
