@@ -15,7 +15,7 @@ from typing import Any
 from metergate.bodytap import AsgiResponseTap, read_reserves_asgi
 from metergate.config import GatewayConfig
 from metergate.core import idempotency
-from metergate.core.allowances import Allowance
+from metergate.core import request as steps
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import (
     GATEWAY_ANSWER,
@@ -24,13 +24,12 @@ from metergate.core.http import (
     Gate,
     KeyCache,
     problem,
-    ratelimit_fields,
     too_large,
 )
 from metergate.core.model import Decision
 from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.meter import AsyncMeter, ConfigSource, as_config
-from metergate.observability import STORAGE_ERRORS, observe, observe_local
+from metergate.observability import STORAGE_ERRORS
 from metergate.recovery import Recovery
 
 __all__ = ["MeteringMiddleware"]
@@ -129,83 +128,75 @@ class MeteringMiddleware:
         except BadPath as exc:
             await _send_answer(send, bad_request(exc))
             return
-        route = self.gate.routes.match(scope["method"], scope["path"])
-        if route is None:
-            answer = self.gate.unmatched()
-            if answer is None:
-                await self.app(scope, receive, send)
-            else:
-                await _send_answer(send, answer)
-            return
-        if not route.costs:
-            await self.app(scope, receive, send)
-            return
-
         headers = _headers(scope)
-        key = None if self.identify is not None else self.gate.key_of(headers)
-        try:
-            customer = await self._customer(scope, key)
-        except (StorageUnavailable, TimeoutError):
-            # Nobody could be looked up: in `open` mode the request passes, billed to its key later.
-            planned = self.gate.admission("", route, headers, scope)
-            if isinstance(planned, Answer):
-                await _send_answer(send, planned)
-            else:
-                await self._storage_failed(scope, receive, send, planned, key)
-            return
-        if customer is None:
-            await _send_answer(send, self.gate.refusal(_unauthenticated(), self.clock()))
-            return
-        book = self.meter.book
-        if (
-            book is not None
-            and route.fixed is not None
-            and not self.gate.costs
-            and "idempotency-key" not in headers
-        ):
-            # the fast path: a request given from this process's allowance, no storage call
-            got = book.take_local((customer, route.fixed), time.monotonic())
-            if got is not None:
-                await self._serve_local(scope, receive, send, customer, route.refund_on, *got)
-                return
-        reserves = None
-        if route.request_reserves:
-            receive, reserves = await read_reserves_asgi(receive, route, headers)
-            if reserves is None:
-                return  # the client left while sending its body: nothing admitted, nothing owed
-        planned = self.gate.admission(customer, route, headers, scope, reserves)
-        if isinstance(planned, Answer):
-            await _send_answer(send, planned)
-            return
-        if planned.idempotency_key:
-            await self._keyed(scope, receive, send, planned)
-            return
-        await self._serve(scope, receive, send, planned)
+        flow = steps.request_flow(
+            self.gate,
+            self.meter.book,
+            self.meter.core.new_attempt,
+            self.clock,
+            time.monotonic,
+            scope["method"],
+            scope["path"],
+            headers,
+            scope,
+            keyless=self.identify is not None,
+        )
+        verdict, receive = await self._drive(flow, scope, receive, headers)
+        await self._act(verdict, scope, receive, send)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> str:
-        """Admit, answer a refusal or forward; return `refused`, `unavailable`, `refunded` or
-        `served`."""
-        started = time.perf_counter()
-        # The attempt id names this admission before it is sent: if its reply is lost, a refund
-        # by that id undoes it, or voids it should it reach storage later.
-        attempt = self.meter.core.new_attempt()
-        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
-        # admission itself keeps no operation record, so a retry the claim lets through (after
-        # a refund, or a response too large to store) is metered as new.
-        operation = ""
-        try:
-            # Every storage call is bounded by `storage.timeout_ms` on its own (the pipelined
-            # connection's timer, the client's socket timeout), so no timer wraps the whole.
-            decision = await self._admit(planned, attempt, operation)
-        except (StorageUnavailable, TimeoutError):
-            STORAGE_ERRORS.inc()
-            await self._storage_failed(scope, receive, send, planned, None, attempt, operation)
-            return "unavailable"
-        observe(decision, time.perf_counter() - started)
-        if not decision.allowed:
-            await _send_answer(send, self.gate.refusal(decision, self.clock()))
+    async def _drive(
+        self, flow: steps.Flow, scope: Scope, receive: Receive, headers: Mapping[str, str]
+    ) -> tuple[steps.Verdict, Receive]:
+        """Run a request flow to its verdict, doing the I/O it asks for."""
+        reply: Any = None
+        failed: StorageUnavailable | None = None
+        while True:
+            try:
+                need = flow.send(reply) if failed is None else flow.throw(failed)
+            except StopIteration as stop:
+                return stop.value, receive
+            reply, failed = None, None
+            try:
+                if isinstance(need, steps.Admit):
+                    reply = await self._admit(need.planned, need.attempt, "")
+                elif isinstance(need, steps.Identify):
+                    reply = await self._customer(scope, need.key)
+                else:
+                    receive, reply = await read_reserves_asgi(receive, need.route, headers)
+            except TimeoutError:
+                failed = StorageUnavailable("storage did not answer in time")
+            except StorageUnavailable as exc:
+                failed = exc
+
+    async def _act(self, verdict: steps.Verdict, scope: Scope, receive: Receive, send: Send) -> str:
+        """Do what a flow decided; return `refused`, `unavailable`, `refunded` or `served`."""
+        if isinstance(verdict, steps.Local):
+            await self._serve_local(scope, receive, send, verdict)
+            return "served"
+        if isinstance(verdict, steps.Forward):
+            return await self._serve(scope, receive, send, verdict)
+        if isinstance(verdict, steps.PassThrough):
+            await self.app(scope, receive, send)
+            return "served"
+        if isinstance(verdict, steps.Respond):
+            await _send_answer(send, verdict.answer)
             return "refused"
+        if isinstance(verdict, steps.Keyed):
+            await self._keyed(scope, receive, send, verdict.planned)
+            return "served"
+        if isinstance(verdict, steps.Degraded):
+            await self._storage_failed(
+                scope, receive, send, verdict.planned, verdict.api_key, verdict.attempt
+            )
+            return "unavailable"
+        return "refused"  # Gone: the client left while sending its body
 
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, verdict: steps.Forward
+    ) -> str:
+        """Forward an admitted request; settle or refund its admission when the response ends.
+        Returns `refunded` or `served`."""
+        planned, decision = verdict.planned, verdict.decision
         ticket = decision.ticket
         tap = AsgiResponseTap(planned.route) if planned.route.body_costs else None
 
@@ -231,15 +222,12 @@ class MeteringMiddleware:
             except Exception:  # the hold or lease expires on its own; never fail the response
                 logger.exception("metergate: settlement failed; the hold will expire")
 
-        fields = ratelimit_fields(decision, self.clock())
-        scope["metergate.customer"] = (
-            planned.customer
-        )  # the proxy caps upstream connections per customer
+        scope["metergate.customer"] = planned.customer  # the proxy caps connections per customer
         await self._forward(
             scope,
             receive,
             send,
-            fields,
+            verdict.fields,
             settle,
             read_headers=bool(planned.response_costs),
             refund_on=planned.route.refund_on,
@@ -248,20 +236,12 @@ class MeteringMiddleware:
         return outcome
 
     async def _serve_local(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        customer: str,
-        refund_on: frozenset[int],
-        allowance: Allowance,
-        left: int,
+        self, scope: Scope, receive: Receive, send: Send, verdict: steps.Local
     ) -> None:
         """Forward a request given from a local allowance, with the fields storage would give,
         and give it back to the allowance if it is refunded."""
-        observe_local()
-        scope["metergate.customer"] = customer  # the proxy caps upstream connections per customer
-        book = self.meter.book
+        scope["metergate.customer"] = verdict.customer  # the proxy caps connections per customer
+        book, allowance = self.meter.book, verdict.allowance
         assert book is not None
 
         async def end(_headers: Mapping[str, str], refunded: bool) -> None:
@@ -271,10 +251,10 @@ class MeteringMiddleware:
             scope,
             receive,
             send,
-            allowance.fields(left, self.clock()),
+            verdict.fields,
             end,
             read_headers=False,
-            refund_on=refund_on,
+            refund_on=verdict.refund_on,
         )
 
     async def _keyed(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> None:
@@ -361,7 +341,11 @@ class MeteringMiddleware:
 
         outcome = "unavailable"
         try:
-            outcome = await self._serve(scope, replayed, capture, planned)
+            admission = steps.admission_flow(
+                self.gate, planned, self.meter.core.new_attempt(), self.clock, time.monotonic
+            )
+            verdict, _ = await self._drive(admission, scope, replayed, {})
+            outcome = await self._act(verdict, scope, replayed, capture)
         finally:
             try:
                 if (
@@ -629,7 +613,3 @@ def _started(task: asyncio.Future[None]) -> None:
     exc = task.exception()
     if exc is not None:
         logger.warning("metergate: storage is not ready at start-up (%s); requests will retry", exc)
-
-
-def _unauthenticated() -> Decision:
-    return Decision(False, 401, "unauthenticated", "", detail="no API key, or a key nobody holds")

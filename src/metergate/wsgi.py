@@ -16,7 +16,7 @@ from typing import Any
 from metergate.bodytap import WsgiResponseTap, read_reserves_wsgi
 from metergate.config import GatewayConfig
 from metergate.core import idempotency
-from metergate.core.allowances import Allowance
+from metergate.core import request as steps
 from metergate.core.errors import StorageUnavailable
 from metergate.core.http import (
     Admission,
@@ -24,13 +24,12 @@ from metergate.core.http import (
     Gate,
     KeyCache,
     problem,
-    ratelimit_fields,
     too_large,
 )
 from metergate.core.model import Decision
 from metergate.core.paths import BadPath, bad_request, normalize_decoded
 from metergate.meter import ConfigSource, Meter, as_config
-from metergate.observability import STORAGE_ERRORS, observe, observe_local
+from metergate.observability import STORAGE_ERRORS
 from metergate.recovery import ThreadRecovery
 
 __all__ = ["WSGIMeteringMiddleware"]
@@ -203,81 +202,85 @@ class WSGIMeteringMiddleware:
             path = normalize_decoded(_path(environ))
         except BadPath as exc:
             return _answer(start_response, bad_request(exc))
-        route = self.gate.routes.match(method, path)
-        if route is None:
-            answer = self.gate.unmatched()
-            if answer is None:
-                return self.app(environ, start_response)
-            return _answer(start_response, answer)
-        if not route.costs:
-            return self.app(environ, start_response)
-
         headers = _Headers(environ)
-        key = None if self.identify is not None else self.gate.key_of(headers)
-        try:
-            customer = self._customer(environ, key)
-        except StorageUnavailable:
-            # Nobody could be looked up: in `open` mode the request passes, billed to its key later.
-            planned = self.gate.admission("", route, headers, environ)
-            if isinstance(planned, Answer):
-                return _answer(start_response, planned)
-            return self._storage_failed(environ, start_response, planned, key)
-        if customer is None:
-            refusal = Decision(
-                False, 401, "unauthenticated", "", detail="no API key, or a key nobody holds"
+        flow = steps.request_flow(
+            self.gate,
+            self.meter.book,
+            self.meter.core.new_attempt,
+            self.clock,
+            time.monotonic,
+            method,
+            path,
+            headers,
+            environ,
+            keyless=self.identify is not None,
+        )
+        return self._act(self._drive(flow, environ, headers), environ, start_response, [])
+
+    def _drive(
+        self, flow: steps.Flow, environ: Environ, headers: Mapping[str, str]
+    ) -> steps.Verdict:
+        """Run a request flow to its verdict, doing the I/O it asks for."""
+        reply: Any = None
+        failed: StorageUnavailable | None = None
+        while True:
+            try:
+                need = flow.send(reply) if failed is None else flow.throw(failed)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            reply, failed = None, None
+            try:
+                if isinstance(need, steps.Admit):
+                    reply = self._admit(need.planned, need.attempt, "")
+                elif isinstance(need, steps.Identify):
+                    reply = self._customer(environ, need.key)
+                else:
+                    reply = read_reserves_wsgi(environ, need.route, headers)
+            except StorageUnavailable as exc:
+                failed = exc
+
+    def _act(
+        self,
+        verdict: steps.Verdict,
+        environ: Environ,
+        start_response: StartResponse,
+        outcome: list[str],
+    ) -> Iterable[bytes]:
+        """Do what a flow decided; `outcome` gets `refused`, `unavailable`, `refunded` or
+        `served` (the last two when the response ends)."""
+        if isinstance(verdict, steps.Local):
+            outcome.append("served")
+            return self._serve_local(environ, start_response, verdict)
+        if isinstance(verdict, steps.Forward):
+            return self._serve(environ, start_response, verdict, outcome)
+        if isinstance(verdict, steps.PassThrough):
+            outcome.append("served")
+            return self.app(environ, start_response)
+        if isinstance(verdict, steps.Respond):
+            outcome.append("refused")
+            return _answer(start_response, verdict.answer)
+        if isinstance(verdict, steps.Keyed):
+            return self._keyed(environ, start_response, verdict.planned)
+        if isinstance(verdict, steps.Degraded):
+            outcome.append("unavailable")
+            return self._storage_failed(
+                environ, start_response, verdict.planned, verdict.api_key, verdict.attempt
             )
-            return _answer(start_response, self.gate.refusal(refusal, self.clock()))
-        book = self.meter.book
-        if (
-            book is not None
-            and route.fixed is not None
-            and not self.gate.costs
-            and not headers.get("idempotency-key")
-        ):
-            # the fast path: a request given from this process's allowance, no storage call
-            got = book.take_local((customer, route.fixed), time.monotonic())
-            if got is not None:
-                return self._serve_local(environ, start_response, route.refund_on, *got)
-        reserves = None
-        if route.request_reserves:
-            reserves = read_reserves_wsgi(environ, route, headers)
-        planned = self.gate.admission(customer, route, headers, environ, reserves)
-        if isinstance(planned, Answer):
-            return _answer(start_response, planned)
-        if planned.idempotency_key:
-            return self._keyed(environ, start_response, planned)
-        return self._serve(environ, start_response, planned, [])
+        outcome.append("refused")
+        return []  # Gone: the client left while sending its body
 
     def _serve(
         self,
         environ: Environ,
         start_response: StartResponse,
-        planned: Admission,
+        verdict: steps.Forward,
         outcome: list[str],
     ) -> Iterable[bytes]:
-        """Admit, answer a refusal or forward; `outcome` gets `refused`, `unavailable`,
-        `refunded` or `served` (the last two when the response ends)."""
+        """Forward an admitted request; settle or refund its admission when the response ends
+        (`outcome` then gets `refunded` or `served`)."""
+        planned, decision, fields = verdict.planned, verdict.decision, verdict.fields
         route = planned.route
-        started = time.perf_counter()
-        # Named before it is sent: if its reply is lost, a refund by this id undoes or voids it.
-        attempt = self.meter.core.new_attempt()
-        # An Idempotency-Key is honoured by its claim (core.idempotency), before admission: the
-        # admission itself keeps no operation record, so a retry the claim lets through (after
-        # a refund, or a response too large to store) is metered as new.
-        operation = ""
-        try:
-            decision = self._admit(planned, attempt, operation)
-        except StorageUnavailable:
-            STORAGE_ERRORS.inc()
-            outcome.append("unavailable")
-            return self._storage_failed(environ, start_response, planned, None, attempt, operation)
-        observe(decision, time.perf_counter() - started)
-        if not decision.allowed:
-            outcome.append("refused")
-            return _answer(start_response, self.gate.refusal(decision, self.clock()))
-
         ticket = decision.ticket
-        fields = ratelimit_fields(decision, self.clock())
         if ticket is None or not (ticket.estimated or ticket.leased or route.refund_on):
             # Nothing to settle or refund when the response is over: the body is the app's own.
             outcome.append("served")
@@ -341,20 +344,13 @@ class WSGIMeteringMiddleware:
         return data
 
     def _serve_local(
-        self,
-        environ: Environ,
-        start_response: StartResponse,
-        refund_on: frozenset[int],
-        allowance: Allowance,
-        left: int,
+        self, environ: Environ, start_response: StartResponse, verdict: steps.Local
     ) -> Iterable[bytes]:
         """Serve a request given from a local allowance, with the fields storage would give,
         and give it back to the allowance if it is refunded."""
-        observe_local()
-        book = self.meter.book
+        book, allowance, fields = self.meter.book, verdict.allowance, verdict.fields
         assert book is not None
-        fields = allowance.fields(left, self.clock())
-        if not refund_on:
+        if not verdict.refund_on:
             book.release(allowance, False)  # nothing can refund it: it is served
 
             def start_with_fields(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
@@ -365,7 +361,7 @@ class WSGIMeteringMiddleware:
         def settle(_headers: Mapping[str, str], refunded: bool) -> None:
             book.release(allowance, refunded)
 
-        return self._forward(environ, start_response, fields, settle, {}, None, refund_on)
+        return self._forward(environ, start_response, fields, settle, {}, None, verdict.refund_on)
 
     def _keyed(
         self, environ: Environ, start_response: StartResponse, planned: Admission
@@ -451,7 +447,11 @@ class WSGIMeteringMiddleware:
                 logger.exception("metergate: could not record the outcome of Idempotency-Key")
 
         try:
-            result = self._serve(environ, capture_start, planned, outcome)
+            admission = steps.admission_flow(
+                self.gate, planned, self.meter.core.new_attempt(), self.clock, time.monotonic
+            )
+            verdict = self._drive(admission, environ, {})
+            result = self._act(verdict, environ, capture_start, outcome)
         except BaseException:
             finish()
             raise
