@@ -26,6 +26,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import uvicorn
+from tests.builders import asset, counters, customer, metric, plan, route, tier
 
 # 2027-01-15T08:00:00Z (the `clock` fixture) lies in the calendar month [2027-01-01, 2027-02-01).
 MONTH_START = 1_798_761_600
@@ -42,89 +43,44 @@ TEAPOT_HEADERS = [
 ]
 
 
-def _tiers(*tiers: tuple[int, str, str], **extra: Any) -> list[dict[str, Any]]:
-    return [{"from": f, "level": level, "policy": policy, **extra} for f, level, policy in tiers]
-
-
-PRICED = {"price": {"per_unit": 1}}
-
 CONFIG: dict[str, Any] = {
     "metrics": {
-        "calls": {"type": "CumulativeCounter", "unit": "requests"},
-        "capped": {"type": "CumulativeCounter", "unit": "requests"},
-        "burst": {"type": "CumulativeCounter", "unit": "requests"},
-        "tokens": {"type": "CumulativeCounter", "unit": "tokens"},
-        "in_flight": {"type": "UpDownCounter", "unit": "requests"},
+        **counters("calls", "capped", "burst", unit="requests"),
+        "tokens": metric(unit="tokens"),
+        "in_flight": metric("UpDownCounter", unit="requests"),
     },
     "plans": {
-        "pro": {
-            "assets": {
-                "calls": {
-                    "period": "month",
-                    "balance": "credits",
-                    "tiers": _tiers((0, "Normal", "NotifyOnly"), **PRICED),
-                },
-                "capped": {
-                    "period": "month",
-                    "tiers": _tiers(
-                        (0, "Normal", "NotifyOnly"),
-                        (8, "Warning", "NotifyOnly"),
-                        (10, "OverUsage", "Deny"),
-                    ),
-                },
-                "burst": {
-                    "period": "day",
-                    "tiers": [
-                        {
-                            "from": 0,
-                            "level": "Critical",
-                            "policy": "RateLimit",
-                            "rate": {"limit": 2, "per": "1m"},
-                        }
-                    ],
-                },
-                "tokens": {
-                    "period": "month",
-                    "balance": "credits",
-                    "tiers": _tiers((0, "Normal", "NotifyOnly"), **PRICED),
-                },
-                "in_flight": {
-                    "tiers": _tiers((0, "Normal", "NotifyOnly"), (2, "OverUsage", "Deny")),
-                },
-            }
-        },
-        "free": {
-            "assets": {"calls": {"period": "month", "tiers": _tiers((0, "Normal", "NotifyOnly"))}}
-        },
+        "pro": plan(
+            calls=asset(tier(0, per_unit=1), period="month", balance="credits"),
+            capped=asset(
+                tier(0), tier(8, "Warning"), tier(10, "OverUsage", "Deny"), period="month"
+            ),
+            burst=asset(
+                tier(0, "Critical", "RateLimit", rate={"limit": 2, "per": "1m"}), period="day"
+            ),
+            tokens=asset(tier(0, per_unit=1), period="month", balance="credits"),
+            in_flight=asset(tier(0), tier(2, "OverUsage", "Deny")),
+        ),
+        "free": plan(calls=asset(tier(0), period="month")),
     },
     "customers": {
-        "acme": {
-            "api_keys": ["acme-key"],
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 1000}},
-        },
-        "broke": {
-            "api_keys": ["broke-key"],
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 0}},
-        },
-        "freebie": {"api_keys": ["free-key"], "entitlement": {"plan": "free"}},
+        "acme": customer("pro", credits=1000, api_keys=["acme-key"]),
+        "broke": customer("pro", credits=0, api_keys=["broke-key"]),
+        "freebie": customer("free", api_keys=["free-key"]),
     },
     "routes": [
-        {"path": "/healthz", "meter": []},
-        {
-            "path": "/v1/chat",
-            "methods": ["POST"],
-            "meter": [
-                {"metric": "tokens", "cost": {"response_header": "X-Usage-Tokens", "reserve": 50}},
-                {"metric": "in_flight"},
-            ],
-        },
-        {"path": "/v1/capped", "meter": [{"metric": "capped"}]},
-        {"path": "/v1/burst", "meter": [{"metric": "burst"}]},
-        {"path": "/v1/concurrent", "meter": [{"metric": "in_flight"}]},
-        {"path": "/v1/weighted", "meter": [{"metric": "calls", "cost": {"header": "X-Weight"}}]},
-        {"path": "/v1/{rest:path}", "methods": ["GET", "POST"], "meter": [{"metric": "calls"}]},
+        route("/healthz"),
+        route(
+            "/v1/chat",
+            {"metric": "tokens", "cost": {"response_header": "X-Usage-Tokens", "reserve": 50}},
+            "in_flight",
+            methods=["POST"],
+        ),
+        route("/v1/capped", "capped"),
+        route("/v1/burst", "burst"),
+        route("/v1/concurrent", "in_flight"),
+        route("/v1/weighted", {"metric": "calls", "cost": {"header": "X-Weight"}}),
+        route("/v1/{rest:path}", "calls", methods=["GET", "POST"]),
     ],
 }
 

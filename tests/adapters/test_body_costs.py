@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 from examples.llm_gateway import upstream
+from tests.builders import asset, counters, customer, gateway, plan, route, tier
 
 from conftest import Clock, RedisProcess, with_storage
 from metergate import Meter, MeteringMiddleware, WSGIMeteringMiddleware, create_app
@@ -35,57 +36,30 @@ RESERVE_DEFAULT = 500
 BIG_CHUNK = 64 * 1024
 BIG_CHUNKS = 50 * 1024 * 1024 // BIG_CHUNK  # a 50 MB body
 
-CONFIG: dict[str, Any] = {
-    "metrics": {
-        "requests": {"type": "CumulativeCounter"},
-        "tokens": {"type": "CumulativeCounter"},
+CONFIG: dict[str, Any] = gateway(
+    metrics=counters("requests", "tokens"),
+    plans={
+        "llm": plan(
+            requests=asset(tier(0), period="month"),
+            tokens=asset(tier(0, per_unit=1), period="month", balance="credits"),
+        )
     },
-    "plans": {
-        "llm": {
-            "assets": {
-                "requests": {
-                    "period": "month",
-                    "tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}],
+    customers={"acme": customer("llm", credits=100_000, api_keys=["llm-key"])},
+    routes=[
+        route(
+            "/v1/chat/completions",
+            "requests",
+            {
+                "metric": "tokens",
+                "cost": {
+                    "response_json": "/usage/total_tokens",
+                    "reserve": {"request_json": "/max_tokens", "default": RESERVE_DEFAULT},
                 },
-                "tokens": {
-                    "period": "month",
-                    "balance": "credits",
-                    "tiers": [
-                        {
-                            "from": 0,
-                            "level": "Normal",
-                            "policy": "NotifyOnly",
-                            "price": {"per_unit": 1},
-                        }
-                    ],
-                },
-            }
-        }
-    },
-    "customers": {
-        "acme": {
-            "api_keys": ["llm-key"],
-            "entitlement": {"plan": "llm"},
-            "balances": {"credits": {"amount": 100_000}},
-        }
-    },
-    "routes": [
-        {
-            "path": "/v1/chat/completions",
-            "methods": ["POST"],
-            "meter": [
-                {"metric": "requests"},
-                {
-                    "metric": "tokens",
-                    "cost": {
-                        "response_json": "/usage/total_tokens",
-                        "reserve": {"request_json": "/max_tokens", "default": RESERVE_DEFAULT},
-                    },
-                },
-            ],
-        }
+            },
+            methods=["POST"],
+        )
     ],
-}
+)
 
 
 def _event(data: Any, newline: bytes = b"\n") -> bytes:

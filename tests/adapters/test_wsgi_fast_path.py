@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
+from tests.builders import asset, counters, customer, gateway, plan, route, tier
 
 from conftest import RedisProcess
 from metergate import WSGIMeteringMiddleware
@@ -99,22 +100,14 @@ class _Body:
 
 
 def _config(url: str) -> dict[str, Any]:
-    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": 1}}
-    return {
-        "storage": {"url": url, "timeout_ms": 2000},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {"assets": {"calls": {"period": "month", "balance": "credits", "tiers": [tier]}}}
-        },
-        "customers": {
-            "c": {
-                "api_keys": ["key-of-c"],
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 100}},
-            }
-        },
-        "routes": [{"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}], "refund_on": []}],
-    }
+    return gateway(
+        storage_url=url,
+        storage={"timeout_ms": 2000},
+        metrics=counters("calls"),
+        plans={"p": plan(calls=asset(tier(0, per_unit=1), period="month", balance="credits"))},
+        customers={"c": customer("p", credits=100, api_keys=["key-of-c"])},
+        routes=[route("/v1/{rest:path}", "calls", refund_on=[])],
+    )
 
 
 @pytest.mark.redis

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from redis.crc import key_slot
+from tests.builders import asset, counters, customer, gateway, plan, tier
 
 from conftest import RedisCluster, RedisProcess
 from metergate.config import hash_api_key
@@ -27,32 +28,22 @@ API_KEY = "key-of-c"
 def config(url: str, *customers: str, **storage: Any) -> dict[str, Any]:
     """Two metrics priced on one balance: `calls` (1 credit each) and `tokens` (1 per 10)."""
 
-    def asset(per: int) -> dict[str, Any]:
-        tier = {
-            "from": 0,
-            "level": "Normal",
-            "policy": "NotifyOnly",
-            "price": {"per_unit": 1, "per": per},
-        }
-        return {"period": "month", "balance": "credits", "tiers": [tier]}
+    def priced(per: int) -> dict[str, Any]:
+        price = {"per_unit": 1, "per": per}
+        return asset(tier(0, price=price), period="month", balance="credits")
 
-    names = customers or ("c", "d")
-    return {
-        "storage": {"url": url, "timeout_ms": TIMEOUT_MS, **storage},
-        "metrics": {
-            "calls": {"type": "CumulativeCounter"},
-            "tokens": {"type": "CumulativeCounter"},
+    return gateway(
+        storage_url=url,
+        storage={"timeout_ms": TIMEOUT_MS, **storage},
+        metrics=counters("calls", "tokens"),
+        plans={"p": plan(calls=priced(1), tokens=priced(10))},
+        customers={
+            name: customer(
+                "p", credits=1_000_000, api_keys=[hash_api_key(API_KEY)] if name == "c" else []
+            )
+            for name in customers or ("c", "d")
         },
-        "plans": {"p": {"assets": {"calls": asset(1), "tokens": asset(10)}}},
-        "customers": {
-            name: {
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 1_000_000}},
-                "api_keys": [hash_api_key(API_KEY)] if name == "c" else [],
-            }
-            for name in names
-        },
-    }
+    )
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from tests.adapters.harness import serve_asgi
+from tests.builders import asset, counters, customer, metric, plan, route, tier
 
 from conftest import Clock, with_storage
 from metergate import Meter, create_app
@@ -80,71 +81,27 @@ def upstream() -> Iterator[str]:
 def gateway_config(upstream: str, **proxy: Any) -> dict[str, Any]:
     """A gateway with one metered route and a response-priced one, in front of `upstream`."""
     return {
-        "metrics": {
-            "calls": {"type": "CumulativeCounter"},
-            "tokens": {"type": "CumulativeCounter"},
-            "in_flight": {"type": "UpDownCounter"},
-        },
+        "metrics": {**counters("calls", "tokens"), "in_flight": metric("UpDownCounter")},
         "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "tiers": [
-                            {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                            {"from": 100, "level": "OverUsage", "policy": "Deny"},
-                        ],
-                    },
-                    "tokens": {
-                        "period": "month",
-                        "balance": "credits",
-                        "tiers": [
-                            {
-                                "from": 0,
-                                "level": "Normal",
-                                "policy": "NotifyOnly",
-                                "price": {"per_unit": 1},
-                            }
-                        ],
-                    },
-                    "in_flight": {
-                        "tiers": [
-                            {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                            {"from": 5, "level": "OverUsage", "policy": "Deny"},
-                        ]
-                    },
-                }
-            }
+            "p": plan(
+                calls=asset(tier(0), tier(100, "OverUsage", "Deny"), period="month"),
+                tokens=asset(tier(0, per_unit=1), period="month", balance="credits"),
+                in_flight=asset(tier(0), tier(5, "OverUsage", "Deny")),
+            )
         },
-        "customers": {
-            "c": {
-                "api_keys": [KEY],
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 10_000}},
-            }
-        },
+        "customers": {"c": customer("p", credits=10_000, api_keys=[KEY])},
         "routes": [
-            {
-                "path": "/stream",
-                "meter": [
-                    {
-                        "metric": "tokens",
-                        "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
-                    },
-                    {"metric": "in_flight"},
-                ],
-            },
-            {
-                "path": "/chat",
-                "meter": [
-                    {
-                        "metric": "tokens",
-                        "cost": {"response_header": "X-Usage-Tokens", "reserve": 500},
-                    }
-                ],
-            },
-            {"path": "/open", "meter": []},
-            {"path": "/{rest:path}", "meter": [{"metric": "calls"}]},
+            route(
+                "/stream",
+                {"metric": "tokens", "cost": {"response_header": "X-Usage-Tokens", "reserve": 500}},
+                "in_flight",
+            ),
+            route(
+                "/chat",
+                {"metric": "tokens", "cost": {"response_header": "X-Usage-Tokens", "reserve": 500}},
+            ),
+            route("/open"),
+            route("/{rest:path}", "calls"),
         ],
         # Below /slow's 3 s, with room for a busy machine's upstream to answer the others.
         "proxy": {"upstream": upstream, "timeout_s": 2, "max_body_bytes": 1000, **proxy},

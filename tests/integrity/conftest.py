@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
+from tests.builders import asset, counters, customer, gateway, plan, route, tier
 
 from conftest import RedisProcess, serve_process
 from metergate.config import hash_api_key
@@ -77,30 +78,24 @@ def gateway_config(
     upstream: str, redis_url: str, customers: dict[str, int], **storage: Any
 ) -> dict[str, Any]:
     """One priced metric (`calls`, PRICE credit each) on routes with various refund rules."""
-    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": PRICE}}
-    return {
-        "storage": {"url": redis_url, "timeout_ms": 1000, **storage},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {"assets": {"calls": {"period": "month", "balance": "credits", "tiers": [tier]}}}
-        },
-        "customers": {
-            name: {
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": amount}},
-                "api_keys": [hash_api_key(key_of(name))],
-            }
+    return gateway(
+        storage_url=redis_url,
+        storage={"timeout_ms": 1000, **storage},
+        metrics=counters("calls"),
+        plans={"p": plan(calls=asset(tier(0, per_unit=PRICE), period="month", balance="credits"))},
+        customers={
+            name: customer("p", credits=amount, api_keys=[hash_api_key(key_of(name))])
             for name, amount in customers.items()
         },
-        "routes": [
-            {"path": "/v1/free-fail", "meter": [{"metric": "calls"}], "refund_on": []},
-            {"path": "/v1/missing/{x}", "meter": [{"metric": "calls"}], "refund_on": ["4xx"]},
-            {"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}]},
+        routes=[
+            route("/v1/free-fail", "calls", refund_on=[]),
+            route("/v1/missing/{x}", "calls", refund_on=["4xx"]),
+            route("/v1/{rest:path}", "calls"),
         ],
-        "proxy": {"upstream": upstream, "timeout_s": 1, "max_body_bytes": 1000},
-        "admin": {"token": TOKEN},
-        "allowances": {"enabled": ALLOWANCES},
-    }
+        proxy={"upstream": upstream, "timeout_s": 1, "max_body_bytes": 1000},
+        admin={"token": TOKEN},
+        allowances={"enabled": ALLOWANCES},
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from tests.builders import asset, counters, customer, gateway, plan, tier
 
 from conftest import RedisCluster, RedisProcess, with_storage
 from metergate import AsyncMeter, Meter
@@ -27,38 +28,16 @@ CUSTOMER = "acme"
 
 def _config(url: str, *, limit: int = LIMIT, credits: int = 1_000_000, **allowances: Any) -> dict:
     """One metric with a Deny tier at `limit`, priced 1 credit a unit from a prepaid balance."""
-    return with_storage(
-        {
-            "metrics": {"calls": {"type": "CumulativeCounter", "unit": "requests"}},
-            "plans": {
-                "pro": {
-                    "assets": {
-                        "calls": {
-                            "period": "month",
-                            "balance": "credits",
-                            "tiers": [
-                                {
-                                    "from": 0,
-                                    "level": "Normal",
-                                    "policy": "NotifyOnly",
-                                    "price": {"per_unit": 1},
-                                },
-                                {"from": limit, "level": "OverUsage", "policy": "Deny"},
-                            ],
-                        }
-                    }
-                }
-            },
-            "customers": {
-                CUSTOMER: {
-                    "entitlement": {"plan": "pro"},
-                    "balances": {"credits": {"amount": credits}},
-                }
-            },
-            "allowances": {"enabled": True, "flush_ms": 50, "ttl": "1s", **allowances},
-        },
-        url,
+    calls = asset(
+        tier(0, per_unit=1), tier(limit, "OverUsage", "Deny"), period="month", balance="credits"
     )
+    config = gateway(
+        metrics=counters("calls", unit="requests"),
+        plans={"pro": plan(calls=calls)},
+        customers={CUSTOMER: customer("pro", credits=credits)},
+        allowances={"enabled": True, "flush_ms": 50, "ttl": "1s", **allowances},
+    )
+    return with_storage(config, url)
 
 
 @pytest.fixture(params=["redis", "cluster"])

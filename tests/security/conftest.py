@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 from tests.adapters.harness import serve_asgi
+from tests.builders import asset, counters, customer, gateway, plan, route, tier
 
 from conftest import free_port, serve_process
 
@@ -82,30 +83,20 @@ class Upstream:
 
 def config(upstream: str, storage_url: str, **extra: Any) -> dict[str, Any]:
     """Two customers on a metered plan with a balance, one metered route, unmetered passes."""
-    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": 1}}
-    out: dict[str, Any] = {
-        "storage": {"url": storage_url, "timeout_ms": 2000},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {"assets": {"calls": {"period": "month", "balance": "credits", "tiers": [tier]}}}
+    out = gateway(
+        storage_url=storage_url,
+        storage={"timeout_ms": 2000},
+        metrics=counters("calls"),
+        plans={"p": plan(calls=asset(tier(0, per_unit=1), period="month", balance="credits"))},
+        customers={
+            "acme": customer("p", credits=1000, api_keys=[KEY]),
+            "other": customer("p", credits=1000, api_keys=[OTHER_KEY]),
         },
-        "customers": {
-            "acme": {
-                "api_keys": [KEY],
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 1000}},
-            },
-            "other": {
-                "api_keys": [OTHER_KEY],
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 1000}},
-            },
-        },
-        "routes": [{"path": "/v1/{rest:path}", "meter": [{"metric": "calls"}]}],
-        "unmatched": "pass",
-        "proxy": {"upstream": upstream, "timeout_s": 5},
-        "admin": {"token": TOKEN},
-    }
+        routes=[route("/v1/{rest:path}", "calls")],
+        unmatched="pass",
+        proxy={"upstream": upstream, "timeout_s": 5},
+        admin={"token": TOKEN},
+    )
     for key, value in extra.items():
         out[key] = {**out[key], **value} if isinstance(value, dict) else value
     return out

@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tests.builders import asset, counters, customer, gateway, plan, tier
+
 from metergate import Meter
 
 
 def config(**balance: Any) -> dict[str, Any]:
     """A plan whose `calls` cost 1 credit each from c's `credits` (100, overage 20, low at 30)."""
-    tier = {"from": 0, "level": "Normal", "policy": "NotifyOnly", "price": {"per_unit": 1}}
-    asset = {"period": "month", "balance": "credits", "tiers": [tier]}
+    calls = asset(tier(0, per_unit=1), period="month", balance="credits")
     credits = {"amount": 100, "overage": 20, "low_at": 30, **balance}
-    return {
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {"p": {"assets": {"calls": asset}}},
-        "customers": {"c": {"entitlement": {"plan": "p"}, "balances": {"credits": credits}}},
-    }
+    return gateway(
+        metrics=counters("calls"),
+        plans={"p": plan(calls=calls)},
+        customers={"c": customer("p", credits=credits)},
+    )
 
 
 def events(meter: Meter, customer: str = "c") -> list[tuple[str, dict[str, Any]]]:

@@ -7,6 +7,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tests.builders import asset, customer, gateway, metric, plan, tier
+
 from metergate import Decision, Meter
 
 NOW = 1_800_000_000.0
@@ -16,36 +18,16 @@ METERS = 4
 
 def config(tiers: list[dict[str, Any]] | None = None, balance: int | None = None) -> dict[str, Any]:
     """`calls` (Warning past 5, Deny past 10 unless `tiers` says otherwise) for customer `c`."""
-    asset: dict[str, Any] = {
-        "period": "month",
-        "tiers": tiers
-        or [
-            {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-            {"from": 5, "level": "Warning", "policy": "NotifyOnly"},
-            {"from": 10, "level": "OverUsage", "policy": "Deny"},
-        ],
-    }
-    customer: dict[str, Any] = {"entitlement": {"plan": "p"}}
-    if balance is not None:
-        asset["balance"] = "credits"
-        customer["balances"] = {"credits": {"amount": balance}}
-    return {
-        "metrics": {"calls": {"type": "CumulativeCounter"}, "flight": {"type": "UpDownCounter"}},
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": asset,
-                    "flight": {
-                        "tiers": [
-                            {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                            {"from": 4, "level": "OverUsage", "policy": "Deny"},
-                        ]
-                    },
-                }
-            }
-        },
-        "customers": {"c": customer},
-    }
+    calls = asset(
+        *(tiers or [tier(0), tier(5, "Warning"), tier(10, "OverUsage", "Deny")]),
+        period="month",
+        balance=None if balance is None else "credits",
+    )
+    return gateway(
+        metrics={"calls": metric(), "flight": metric("UpDownCounter")},
+        plans={"p": plan(calls=calls, flight=asset(tier(0), tier(4, "OverUsage", "Deny")))},
+        customers={"c": customer("p", credits=balance)},
+    )
 
 
 def admit_concurrently(meters: list[Meter], count: int, **kwargs: Any) -> list[Decision]:

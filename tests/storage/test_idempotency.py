@@ -4,39 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.builders import asset, customer, gateway, metric, plan, tier
+
 from metergate import Meter
 
 
 def config() -> dict[str, Any]:
     """Priced `calls` (Deny past 10), a TotalCounter `storage`, an UpDownCounter `flight`."""
-    normal = {"from": 0, "level": "Normal", "policy": "NotifyOnly"}
-    return {
-        "metrics": {
-            "calls": {"type": "CumulativeCounter"},
-            "storage": {"type": "TotalCounter"},
-            "flight": {"type": "UpDownCounter"},
+    calls = asset(
+        tier(0, per_unit=3), tier(10, "OverUsage", "Deny"), period="month", balance="credits"
+    )
+    return gateway(
+        metrics={
+            "calls": metric(),
+            "storage": metric("TotalCounter"),
+            "flight": metric("UpDownCounter"),
         },
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "balance": "credits",
-                        "tiers": [
-                            {**normal, "price": {"per_unit": 3}},
-                            {"from": 10, "level": "OverUsage", "policy": "Deny"},
-                        ],
-                    },
-                    "storage": {"period": "month", "tiers": [normal]},
-                    "flight": {"tiers": [normal]},
-                }
-            }
+        plans={
+            "p": plan(calls=calls, storage=asset(tier(0), period="month"), flight=asset(tier(0)))
         },
-        "customers": {
-            "c": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 100}}},
-            "d": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 100}}},
-        },
-    }
+        customers={"c": customer("p", credits=100), "d": customer("p", credits=100)},
+    )
 
 
 def outbox_length(meter: Meter, customer: str = "c") -> int:

@@ -6,27 +6,18 @@ import json
 from typing import Any
 
 import pytest
+from tests.builders import asset, customer, gateway, metric, plan, tier
 
 from metergate import InvalidAmount, Meter
-
-NORMAL = {"from": 0, "level": "Normal", "policy": "NotifyOnly"}
 
 
 def config(kind: str, tiers: list[dict[str, Any]], period: str | None = None) -> dict[str, Any]:
     """A config with one metric `m` of type `kind` on plan `p`, customer `c`."""
-    asset: dict[str, Any] = {"tiers": [NORMAL, *tiers]}
-    if period is not None:
-        asset["period"] = period
-    return {
-        "metrics": {"m": {"type": kind}},
-        "plans": {"p": {"assets": {"m": asset}}},
-        "customers": {"c": {"entitlement": {"plan": "p"}}},
-    }
-
-
-def tier(start: int, level: str, policy: str, **params: Any) -> dict[str, Any]:
-    """One tier as the configuration writes it."""
-    return {"from": start, "level": level, "policy": policy, **params}
+    return gateway(
+        metrics={"m": metric(kind)},
+        plans={"p": plan(m=asset(tier(0), *tiers, period=period))},
+        customers={"c": customer("p")},
+    )
 
 
 def events(meter: Meter, customer: str = "c") -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from tests.builders import asset, counters, customer, gateway, plan, tier
 
 from metergate import Meter, NotFound, Throttle
 
@@ -14,25 +15,16 @@ TO_MONTH_END = 16 * 86_400 + 16 * 3_600
 JANUARY = ("2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z")
 
 
-def tier(start: int, level: str, policy: str, **params: Any) -> dict[str, Any]:
-    """One tier as the configuration writes it."""
-    return {"from": start, "level": level, "policy": policy, **params}
-
-
 def single_asset(
     tiers: list[dict[str, Any]], *, balance: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A config with one monthly CumulativeCounter `calls` on plan `p` and customer `c`."""
-    asset: dict[str, Any] = {"period": "month", "tiers": tiers}
-    customer: dict[str, Any] = {"entitlement": {"plan": "p"}}
-    if balance is not None:
-        asset["balance"] = "credits"
-        customer["balances"] = {"credits": balance}
-    return {
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {"p": {"assets": {"calls": asset}}},
-        "customers": {"c": customer},
-    }
+    calls = asset(*tiers, period="month", balance=None if balance is None else "credits")
+    return gateway(
+        metrics=counters("calls"),
+        plans={"p": plan(calls=calls)},
+        customers={"c": customer("p", credits=balance)},
+    )
 
 
 def events(meter: Meter, customer: str = "c", etype: str | None = None) -> list[dict[str, Any]]:
@@ -419,37 +411,18 @@ def test_refused_admissions_emit_no_level_change(make_meter: Any) -> None:
 
 def two_assets() -> dict[str, Any]:
     """`calls` (priced, rate limited past 2) and `tokens` (Deny past 5), both drawing `credits`."""
-    return {
-        "metrics": {
-            "calls": {"type": "CumulativeCounter"},
-            "tokens": {"type": "CumulativeCounter"},
-        },
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "balance": "credits",
-                        "tiers": [
-                            tier(0, "Normal", "NotifyOnly", price={"per_unit": 1}),
-                            tier(
-                                2,
-                                "Warning",
-                                "RateLimit",
-                                rate={"limit": 2, "per": 60},
-                                price={"per_unit": 1},
-                            ),
-                        ],
-                    },
-                    "tokens": {
-                        "period": "month",
-                        "tiers": [tier(0, "Normal", "NotifyOnly"), tier(5, "OverUsage", "Deny")],
-                    },
-                }
-            }
-        },
-        "customers": {"c": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 50}}}},
-    }
+    calls = asset(
+        tier(0, "Normal", "NotifyOnly", price={"per_unit": 1}),
+        tier(2, "Warning", "RateLimit", rate={"limit": 2, "per": 60}, price={"per_unit": 1}),
+        period="month",
+        balance="credits",
+    )
+    tokens = asset(tier(0, "Normal", "NotifyOnly"), tier(5, "OverUsage", "Deny"), period="month")
+    return gateway(
+        metrics=counters("calls", "tokens"),
+        plans={"p": plan(calls=calls, tokens=tokens)},
+        customers={"c": customer("p", credits=50)},
+    )
 
 
 def test_multi_asset_admission_is_all_or_nothing(make_meter: Any) -> None:

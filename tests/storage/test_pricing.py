@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests import builders
 
 from metergate import Meter
 
@@ -28,37 +29,18 @@ TIERS = [
 def config(tiers: list[dict[str, Any]], customer: str = "c", **balance: Any) -> dict[str, Any]:
     """A plan pricing `calls` by `tiers` (NotifyOnly) from the customer's `credits` balance."""
     tiers = [{"level": "Normal", "policy": "NotifyOnly", **t} for t in tiers]
-    return {
-        "metrics": {
-            "calls": {"type": "CumulativeCounter"},
-            "tokens": {"type": "CumulativeCounter"},
+    return builders.gateway(
+        metrics=builders.counters("calls", "tokens"),
+        plans={
+            "p": builders.plan(
+                calls=builders.asset(*tiers, period="month", balance="credits"),
+                tokens=builders.asset(
+                    builders.tier(0, per_unit=2), period="month", balance="credits"
+                ),
+            )
         },
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {"period": "month", "balance": "credits", "tiers": tiers},
-                    "tokens": {
-                        "period": "month",
-                        "balance": "credits",
-                        "tiers": [
-                            {
-                                "from": 0,
-                                "level": "Normal",
-                                "policy": "NotifyOnly",
-                                "price": {"per_unit": 2},
-                            }
-                        ],
-                    },
-                }
-            }
-        },
-        "customers": {
-            customer: {
-                "entitlement": {"plan": "p"},
-                "balances": {"credits": {"amount": 1000, **balance}},
-            }
-        },
-    }
+        customers={customer: builders.customer("p", credits={"amount": 1000, **balance})},
+    )
 
 
 def closed_form(tiers: list[dict[str, Any]], total: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.builders import asset, customer, gateway, metric, plan, tier
 from tests.worker.conftest import run
 
 from conftest import Clock, with_storage
@@ -15,34 +16,16 @@ from metergate.storage import AsyncStorage
 from metergate.worker.keys import WorkerKeys
 from metergate.worker.reports import UsageReporter
 
-CONFIG: dict[str, Any] = {
-    "metrics": {"calls": {"type": "CumulativeCounter"}, "seats": {"type": "Gauge"}},
-    "plans": {
-        "daily": {
-            "assets": {
-                "calls": {
-                    "period": "day",
-                    "tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}],
-                },
-                "seats": {"tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}]},
-            }
-        },
-        "monthly": {
-            "assets": {
-                "calls": {
-                    "period": "month",
-                    "tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}],
-                }
-            }
-        },
+CONFIG: dict[str, Any] = gateway(
+    metrics={"calls": metric(), "seats": metric("Gauge")},
+    plans={
+        "daily": plan(calls=asset(tier(0), period="day"), seats=asset(tier(0))),
+        "monthly": plan(calls=asset(tier(0), period="month")),
     },
-    "customers": {
-        "d": {"entitlement": {"plan": "daily"}},
-        "m": {"entitlement": {"plan": "monthly"}},
-    },
-    "storage": {"partitions": 4},
-    "usage_report_interval": "60s",
-}
+    customers={"d": customer("daily"), "m": customer("monthly")},
+    storage={"partitions": 4},
+    usage_report_interval="60s",
+)
 KEYS = WorkerKeys(Keys("mg", 4))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.adapters.harness import serve_asgi
+from tests.builders import asset, customer, gateway, metric, plan, tier
 
 from conftest import REQUIRE_REDIS, with_storage
 from metergate import Meter
@@ -29,60 +30,30 @@ CHROMIUM_FLAGS = (
     "--no-first-run",
 )
 
-CONFIG: dict[str, Any] = {
-    "metrics": {
-        "calls": {"type": "CumulativeCounter"},
-        "seats": {"type": "Gauge"},
+CONFIG: dict[str, Any] = gateway(
+    metrics={"calls": metric(), "seats": metric("Gauge")},
+    plans={
+        "pro": plan(
+            calls=asset(
+                tier(0),
+                tier(50, "Warning"),
+                tier(80, "OverUsage", per_unit=1),
+                tier(120, "OverUsage", "Deny"),
+                period="month",
+                balance="credits",
+            ),
+            seats=asset(tier(0), tier(8, "Warning"), tier(10, "OverUsage", "Deny")),
+        )
     },
-    "plans": {
-        "pro": {
-            "assets": {
-                "calls": {
-                    "period": "month",
-                    "balance": "credits",
-                    "tiers": [
-                        {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                        {"from": 50, "level": "Warning", "policy": "NotifyOnly"},
-                        {
-                            "from": 80,
-                            "level": "OverUsage",
-                            "policy": "NotifyOnly",
-                            "price": {"per_unit": 1},
-                        },
-                        {"from": 120, "level": "OverUsage", "policy": "Deny"},
-                    ],
-                },
-                "seats": {
-                    "tiers": [
-                        {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                        {"from": 8, "level": "Warning", "policy": "NotifyOnly"},
-                        {"from": 10, "level": "OverUsage", "policy": "Deny"},
-                    ]
-                },
-            }
-        }
+    customers={
+        "acme": customer("pro", credits={"amount": 1000, "low_at": 100}),
+        "lowco": customer("pro", credits={"amount": 40, "low_at": 100}),
+        "emptyco": customer("pro", credits=0),
+        HOSTILE: customer("pro", credits=500),
     },
-    "customers": {
-        "acme": {
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 1000, "low_at": 100}},
-        },
-        "lowco": {
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 40, "low_at": 100}},
-        },
-        "emptyco": {
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 0}},
-        },
-        HOSTILE: {
-            "entitlement": {"plan": "pro"},
-            "balances": {"credits": {"amount": 500}},
-        },
-    },
-    "admin": {"token": TOKEN},
-    "storage": {"partitions": 4},
-}
+    admin={"token": TOKEN},
+    storage={"partitions": 4},
+)
 
 
 def _executables() -> tuple[str, str] | None:

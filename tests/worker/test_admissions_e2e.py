@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+from tests.builders import asset, customer, gateway, metric, plan, tier
 
 from conftest import Clock
 from metergate.storage import AsyncStorage
@@ -14,36 +15,23 @@ from metergate.worker import Worker
 from .conftest import run
 from .test_reports import KEYS
 
-NORMAL = {"from": 0, "level": "Normal", "policy": "NotifyOnly"}
-SPEC: dict[str, Any] = {
-    "metrics": {"calls": {"type": "CumulativeCounter"}, "seats": {"type": "Gauge"}},
-    "plans": {
-        "p": {
-            "assets": {
-                "calls": {
-                    "period": "day",
-                    "balance": "credits",
-                    "tiers": [
-                        {**NORMAL, "price": {"per_unit": 2}},
-                        {
-                            "from": 5,
-                            "level": "OverUsage",
-                            "policy": "AllowWithOverage",
-                            "price": {"per_unit": 3},
-                        },
-                    ],
-                },
-                "seats": {"period": "day", "tiers": [NORMAL]},
-            }
-        }
+SPEC: dict[str, Any] = gateway(
+    metrics={"calls": metric(), "seats": metric("Gauge")},
+    plans={
+        "p": plan(
+            calls=asset(
+                tier(0, per_unit=2),
+                tier(5, "OverUsage", "AllowWithOverage", per_unit=3),
+                period="day",
+                balance="credits",
+            ),
+            seats=asset(tier(0), period="day"),
+        )
     },
-    "customers": {
-        "acme": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 1000}}},
-        "idle": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 1000}}},
-    },
-    "storage": {"partitions": 4},
-    "usage_report_interval": "60s",
-}
+    customers={"acme": customer("p", credits=1000), "idle": customer("p", credits=1000)},
+    storage={"partitions": 4},
+    usage_report_interval="60s",
+)
 DAY = 1_800_057_600  # 2027-01-16T00:00:00Z
 
 

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import httpx
+from tests.builders import asset, counters, customer, plan, tier
 
 from conftest import Clock
 from metergate.core.keys import Keys
@@ -95,21 +96,9 @@ def test_events_of_real_admissions_are_delivered(
     """Events the scripts emit (a top-up, a level change) arrive with their SPEC data."""
     recorder, server = receiver
     spec = {
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "tiers": [
-                            {"from": 0, "level": "Normal", "policy": "NotifyOnly"},
-                            {"from": 2, "level": "Warning", "policy": "NotifyOnly"},
-                        ],
-                    }
-                }
-            }
-        },
-        "customers": {"acme": {"entitlement": {"plan": "p"}, "balances": {"credits": {}}}},
+        "metrics": counters("calls"),
+        "plans": {"p": plan(calls=asset(tier(0), tier(2, "Warning"), period="month"))},
+        "customers": {"acme": customer("p", credits={})},
         "webhooks": [{"url": server.url + "/hook", **HOOK}],
         "storage": {"partitions": 4},
     }
@@ -454,18 +443,9 @@ def test_run_worker_entry_point_delivers_a_meters_events(
     recorder, server = receiver
     spec = {
         "storage": {"url": storage_url, "partitions": 4, "timeout_ms": 2000},
-        "customers": {"acme": {"entitlement": {"plan": "p"}, "balances": {"credits": {}}}},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}],
-                    }
-                }
-            }
-        },
+        "customers": {"acme": customer("p", credits={})},
+        "metrics": counters("calls"),
+        "plans": {"p": plan(calls=asset(tier(0), period="month"))},
         "webhooks": [{"url": server.url + "/hook", **HOOK}],
     }
 

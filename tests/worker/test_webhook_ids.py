@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 from standardwebhooks import Webhook
+from tests.builders import asset, counters, customer, gateway, plan, tier
 
 from conftest import Clock
 from metergate import Meter, parse_config
@@ -18,25 +19,15 @@ from .conftest import SECRET, Recorder, Server, run
 
 def deployment(storage_url: str, prefix: str, server: Server) -> dict[str, Any]:
     """One deployment: its own key prefix (and so its own deployment id) on the shared storage."""
-    return {
-        "storage": {"url": storage_url, "prefix": prefix, "partitions": 4, "timeout_ms": 2000},
-        "metrics": {"calls": {"type": "CumulativeCounter"}},
-        "plans": {
-            "p": {
-                "assets": {
-                    "calls": {
-                        "period": "month",
-                        "tiers": [{"from": 0, "level": "Normal", "policy": "NotifyOnly"}],
-                    }
-                }
-            }
-        },
-        "customers": {
-            "acme": {"entitlement": {"plan": "p"}, "balances": {"credits": {"amount": 10}}}
-        },
-        "webhooks": [{"url": server.url + "/hook", "secret": SECRET}],
-        "usage_report_interval": "60s",
-    }
+    return gateway(
+        storage_url=storage_url,
+        storage={"prefix": prefix, "partitions": 4, "timeout_ms": 2000},
+        metrics=counters("calls"),
+        plans={"p": plan(calls=asset(tier(0), period="month"))},
+        customers={"acme": customer("p", credits=10)},
+        webhooks=[{"url": server.url + "/hook", "secret": SECRET}],
+        usage_report_interval="60s",
+    )
 
 
 def test_two_deployments_never_share_a_webhook_id(
