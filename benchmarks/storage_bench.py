@@ -53,7 +53,7 @@ def snapshot(url: str) -> Snapshot:
 
 
 def restore(client: redis.Redis, keys: Snapshot) -> None:
-    """Empty Redis and write a snapshot back: `reseed` of many customers in a fraction of the time."""
+    """Empty Redis and write a snapshot back: many customers reseeded in a fraction of the time."""
     client.flushall()
     pipe = client.pipeline(transaction=False)
     for name, ttl, payload in keys:
