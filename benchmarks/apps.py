@@ -1,6 +1,7 @@
 """The apps under test, as factories a server process calls (uvicorn --factory, gunicorn, waitress).
 
-They read the private Redis URL from MG_BENCH_REDIS and the proxy upstream from MG_BENCH_UPSTREAM.
+They read the private Redis URL from MG_BENCH_REDIS, the proxy upstream from MG_BENCH_UPSTREAM and
+the number of customers of the `*_zipf` apps from MG_BENCH_CUSTOMERS.
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ def starlette_allowances() -> Any:
     from metergate import MeteringMiddleware
 
     config = scenario.gateway_config(_redis())
+    config["allowances"] = {"enabled": True}
+    return MeteringMiddleware(starlette_bare(), config)
+
+
+def _zipf_config() -> dict[str, Any]:
+    customers = int(os.environ["MG_BENCH_CUSTOMERS"])
+    return scenario.gateway_config(_redis(), customers=customers)
+
+
+def starlette_metered_zipf() -> Any:
+    """`starlette_metered` with MG_BENCH_CUSTOMERS customers, each with its key and balance."""
+    from metergate import MeteringMiddleware
+
+    return MeteringMiddleware(starlette_bare(), _zipf_config())
+
+
+def starlette_allowances_zipf() -> Any:
+    """`starlette_allowances` with MG_BENCH_CUSTOMERS customers, each with its key and balance."""
+    from metergate import MeteringMiddleware
+
+    config = _zipf_config()
     config["allowances"] = {"enabled": True}
     return MeteringMiddleware(starlette_bare(), config)
 

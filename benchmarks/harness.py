@@ -20,6 +20,7 @@ import redis
 
 HERE = Path(__file__).resolve().parent
 REPORT_LUA = HERE / "wrk" / "report.lua"
+ZIPF_LUA = HERE / "wrk" / "zipf.lua"  # report.lua's reporting, each request a Zipf-drawn API key
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -186,17 +187,27 @@ class Server:
 
 
 def wrk(
-    url: str, *, connections: int, duration_s: int, headers: list[str] | None = None
+    url: str,
+    *,
+    connections: int,
+    duration_s: int,
+    headers: list[str] | None = None,
+    script: Path = REPORT_LUA,
+    script_args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run wrk (one thread) against `url` and return its summary (latencies in microseconds)."""
+    """Run wrk (one thread) against `url` and return its summary (latencies in microseconds).
+
+    `script` must print report.lua's line; `script_args` are passed to its `init`.
+    """
     # wrk takes whole seconds only
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s"]
-    argv += ["-s", str(REPORT_LUA)]
+    argv += ["-s", str(script)]
     for h in headers or []:
         argv += ["-H", h]
-    out = subprocess.run(
-        [*argv, url], capture_output=True, text=True, timeout=duration_s + 30, check=False
-    )
+    argv.append(url)
+    if script_args:
+        argv += ["--", *script_args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
             result: dict[str, Any] = json.loads(line[8:])

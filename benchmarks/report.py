@@ -11,6 +11,7 @@ GROUP_TITLES = {
     "wsgi-gunicorn": "Flask on gunicorn (1 worker, gthread, 8 threads)",
     "wsgi-waitress": "Flask on waitress (8 threads)",
     "proxy": "Reverse proxy vs the upstream directly (upstream: the bare Starlette app, uvloop)",
+    "zipf": "Starlette on uvicorn (uvloop), each request from a customer drawn Zipf(1.1)",
 }
 
 

@@ -2,15 +2,21 @@
 
     python benchmarks/run.py            # the full run (under 10 minutes on 2 cores)
     python benchmarks/run.py --quick    # a ~2 minute smoke run
+    python benchmarks/run.py --quick --sections zipf   # one section
 
 Each server under test runs in its own process; a private redis-server serves the run. In every
 round, each variant is measured right after (or before) its baseline, in rotated order, and every
 ratio is taken within one round, so slow drifts of a noisy machine cancel out.
+
+The zipf section meters many customers (10,000 by default) instead of one: each request carries
+the API key of a customer drawn from Zipf(1.1) (benchmarks/wrk/zipf.lua), the bare baseline
+included, so most customers are quiet and a few are busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import resource
@@ -19,22 +25,29 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import harness
 import inproc
+import redis as redis_py
 import report
 import scenario
 import storage_bench
 from harness import HERE, RedisServer, Server, free_port
 
+from metergate.config import AllowancesConfig
 from metergate.core.keys import Keys
 
 PY = sys.executable
-SECTIONS = ("asgi", "wsgi", "proxy", "overhead", "redis", "embedded", "memory")
+SECTIONS = ("asgi", "wsgi", "proxy", "zipf", "overhead", "redis", "embedded", "memory")
 LOOPS = ("uvloop", "asyncio")
+ZIPF_S = 1.1  # the exponent of the customers' popularity in the zipf section
+ZIPF_SEED = 1  # every server of the zipf section is sent the same sequence of customers
+# An allowance is settled within its ttl of being taken (its flush: at most flush_ms later).
+ALLOWANCES_SETTLED_S = (AllowancesConfig().flush_ms + AllowancesConfig().ttl) / 1000 + 0.5
 # proxies.py also has HttpxTransportProxy (httpx without the Client layer); it measured like
 # httpcore, the engine under it, and is left out to keep the full run under 10 minutes.
 PROXY_CLIENTS = {
@@ -73,8 +86,13 @@ def wsgi_server(kind: str, factory: str, port: int) -> list[str]:
     ]
 
 
-def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Server], dict]:
-    """Return the servers to start and the groups: a baseline and its variants each."""
+def plan(
+    sections: set[str], redis_url: str, logs: Path, zipf_customers: int = 10_000
+) -> tuple[dict[str, Server], dict]:
+    """Return the servers to start and the groups: a baseline and its variants each.
+
+    A group with "customers" is loaded with Zipf-drawn API keys of that many customers.
+    """
     servers: dict[str, Server] = {}
     groups: dict[str, Any] = {}
 
@@ -124,6 +142,24 @@ def plan(sections: set[str], redis_url: str, logs: Path) -> tuple[dict[str, Serv
                     f"flask-allowances@{kind}": "WSGIMeteringMiddleware, allowances",
                 },
             }
+    if "zipf" in sections:
+        env = {"MG_BENCH_CUSTOMERS": str(zipf_customers)}
+        factories = {
+            "starlette-bare@zipf": ("starlette_bare", "bare Starlette"),
+            "starlette-metered@zipf": ("starlette_metered_zipf", "MeteringMiddleware"),
+            "starlette-allowances@zipf": (
+                "starlette_allowances_zipf",
+                "MeteringMiddleware, allowances",
+            ),
+        }
+        for name, (factory, _) in factories.items():
+            add(name, lambda p, f=factory: uvicorn(f, "uvloop", p), env)
+        groups["zipf"] = {
+            "baseline": "starlette-bare@zipf",
+            "variants": ["starlette-metered@zipf", "starlette-allowances@zipf"],
+            "labels": {k: v[1] for k, v in factories.items()},
+            "customers": zipf_customers,
+        }
     if "proxy" in sections:
         upstream = "starlette-bare@uvloop"
         env = {"MG_BENCH_UPSTREAM": f"http://127.0.0.1:{servers[upstream].port}"}
@@ -186,17 +222,41 @@ def settle(pids: list[int], timeout_s: float = 10.0) -> float:
     return time.monotonic() - start
 
 
+def load(group: dict[str, Any]) -> dict[str, Any]:
+    """The wrk arguments of a group's load: the one API key, or Zipf-drawn keys of its customers."""
+    if "customers" in group:
+        args = [str(group["customers"]), str(ZIPF_S), str(ZIPF_SEED)]
+        return {"script": harness.ZIPF_LUA, "script_args": args}
+    return {"headers": [scenario.AUTH_HEADER]}
+
+
+def customers_of(group: dict[str, Any]) -> list[str]:
+    """The customers a group's load charges."""
+    if "customers" in group:
+        return [scenario.customer_id(i) for i in range(group["customers"])]
+    return [scenario.CUSTOMER]
+
+
+def charged(client: redis_py.Redis, customers: list[str]) -> int:
+    """Return the credits charged to the customers' balances since they were seeded."""
+    keys = Keys()
+    pipe = client.pipeline(transaction=False)
+    for customer in customers:
+        pipe.hget(keys.balance(customer, "credits")[0], "amt")
+    return sum(scenario.CREDITS - int(amount) for amount in pipe.execute() if amount is not None)
+
+
 def measure(
     args: argparse.Namespace,
     servers: dict[str, Server],
     redis: RedisServer,
     group: dict[str, Any],
     name: str,
-    reseed_config: dict[str, Any],
+    reseed: Callable[[redis_py.Redis], None],
 ) -> list[dict[str, Any]]:
     """Throughput at 64 connections, then latency at 1 connection, of one server."""
     client = redis.client()
-    storage_bench.reseed(client, reseed_config)
+    reseed(client)
     server = servers[name]
     pids = {"server": server.proc.pid, "redis": redis.pid}  # type: ignore[union-attr]
     if "upstream" in group and name != group["upstream"]:
@@ -209,7 +269,7 @@ def measure(
                 server.url + scenario.PATH,
                 connections=connections,
                 duration_s=seconds,
-                headers=[scenario.AUTH_HEADER],
+                **load(group),
             )
         n = max(1, result["requests"])
         result.update(
@@ -221,25 +281,46 @@ def measure(
             drained_s=round(drained, 2),
         )
         out.append(result)
-    # Metering really happened: the balance was charged once per answered request.
-    balance_key, _ = Keys().balance(scenario.CUSTOMER, "credits")
-    balance = client.hget(balance_key, "amt")
+    # Metering really happened: the balances were charged once per answered request.
+    if "customers" in group and "allowances" in name:
+        time.sleep(ALLOWANCES_SETTLED_S)  # until this process settled its last allowances
+    total = charged(client, customers_of(group))
     client.close()
-    charged = scenario.CREDITS - int(balance) if balance else 0
     for result in out:
-        result["charged_in_pair"] = charged
+        result["charged_in_pair"] = total
         result["requests_in_pair"] = sum(r["requests"] for r in out)
+        # answered 2xx; the requests in flight when wrk stopped may be charged too
+        result["answered_in_pair"] = sum(r["requests"] - r["status"] for r in out)
+        result["in_flight_in_pair"] = sum(r["connections"] for r in out)
     return out
 
 
-def sanity(servers: dict[str, Server]) -> dict[str, Any]:
-    """One request to each server: it must answer 200, and metered ones must carry our fields."""
-    import http.client
+def get(server: Server, api_key: str) -> http.client.HTTPResponse:
+    """GET the metered path of a server with an API key; the response is read."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", scenario.PATH, headers={"Authorization": f"Bearer {api_key}"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
 
+
+def wait_started(server: Server, api_key: str, timeout_s: float = 300.0) -> None:
+    """Wait until a metered server admits `api_key`: it has loaded its configured customers."""
+    deadline = time.monotonic() + timeout_s
+    while get(server, api_key).status != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} did not admit {api_key}; see {server.log}")
+        time.sleep(0.1)
+
+
+def sanity(servers: dict[str, Server], api_keys: dict[str, str]) -> dict[str, Any]:
+    """One request to each server: it must answer 200, and metered ones must carry our fields."""
     out = {}
     for name, server in servers.items():
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("GET", scenario.PATH, headers={"Authorization": f"Bearer {scenario.API_KEY}"})
+        api_key = api_keys.get(name, scenario.API_KEY)
+        conn.request("GET", scenario.PATH, headers={"Authorization": f"Bearer {api_key}"})
         response = conn.getresponse()
         body = response.read()
         fields = {k.lower() for k, _ in response.getheaders()}
@@ -265,22 +346,50 @@ def wait_quiet(seconds: float) -> None:
 
 def http_sections(args: argparse.Namespace, redis: RedisServer, logs: Path) -> tuple:
     """Start the servers, run the interleaved rounds, stop the servers."""
-    servers, groups = plan(args.sections, redis.url, logs)
+    servers, groups = plan(args.sections, redis.url, logs, args.zipf_customers)
     if not servers:
         return [], {}, {}
+    reseeds, loads, api_keys = {}, {}, {}
+    config = scenario.gateway_config(redis.url)
+    for group_name, group in groups.items():
+        members = [group["baseline"], *group["variants"]]
+        loads |= dict.fromkeys(members, load(group))
+        if "customers" not in group:
+            reseeds[group_name] = lambda client: storage_bench.reseed(client, config)
+            continue
+        # Loaded before the servers start, so that they find (and remember) these very keys;
+        # each measurement restores them, far faster than loading them again.
+        n = group["customers"]
+        t0 = time.monotonic()
+        client = redis.client()
+        storage_bench.reseed(client, scenario.gateway_config(redis.url, customers=n))
+        client.close()
+        keys = storage_bench.snapshot(redis.url)
+        print(f"{group_name}: {n:,} customers loaded in {time.monotonic() - t0:.1f} s", flush=True)
+        reseeds[group_name] = lambda client, k=keys: storage_bench.restore(client, k)
+        api_keys |= dict.fromkeys(members, scenario.customer_key(n - 1))
     started = []
     try:
+        t0 = time.monotonic()
         for server in servers.values():
             server.start()
             started.append(server)
+        startup = {}
         for server in servers.values():
             server.wait_ready()
-        checks = sanity(servers)
+            if server.name in api_keys and "bare" not in server.name:
+                wait_started(server, api_keys[server.name])
+                startup[server.name] = time.monotonic() - t0
+                print(
+                    f"  {server.name} admits its last customer after {startup[server.name]:.1f} s"
+                )
+        checks = sanity(servers, api_keys)
+        for name, seconds in startup.items():
+            checks[name]["startup_s"] = round(seconds, 1)
         for server in servers.values():  # warm up: connections, caches, the script cache
             harness.wrk(server.url + scenario.PATH, connections=16, duration_s=args.warmup,
-                        headers=[scenario.AUTH_HEADER])  # fmt: skip
+                        **loads.get(server.name, load({})))  # fmt: skip
         measurements: list[dict[str, Any]] = []
-        config = scenario.gateway_config(redis.url)
         names = list(groups)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -289,7 +398,8 @@ def http_sections(args: argparse.Namespace, redis: RedisServer, logs: Path) -> t
                 order = [group["baseline"], *group["variants"]]
                 order = order[r % len(order) :] + order[: r % len(order)]
                 for name in order:
-                    for result in measure(args, servers, redis, group, name, config):
+                    reseed = reseeds[group_name]
+                    for result in measure(args, servers, redis, group, name, reseed):
                         result.update(round=r, group=group_name, server=name)
                         measurements.append(result)
                         print(
@@ -357,6 +467,8 @@ def targets(results: dict[str, Any], measurements: list[dict[str, Any]]) -> list
             name = "with allowances: Redis CPU per request"
             cpu = local.get("redis_cpu_us_per_request")
             add(name, "<= 3 us", cpu, cpu is not None and cpu <= 3, report._fmt(cpu, 1, " us"))
+    if "zipf" in http:
+        zipf_targets(results, measurements, add)
     for kind in ("gunicorn", "waitress"):
         if f"wsgi-{kind}" in http:
             ratio = http[f"wsgi-{kind}"]["variants"][f"flask-metered@{kind}"]["ratio"]
@@ -386,6 +498,44 @@ def targets(results: dict[str, Any], measurements: list[dict[str, Any]]) -> list
             name = "cost growth with assets and tiers"
             add(name, "at most linear", None, growth["linear"], growth["short"])
     return out
+
+
+def zipf_targets(results: dict[str, Any], measurements: list[dict[str, Any]], add: Any) -> None:
+    """The zipf section's targets: allowances >= 0.70 of bare, per request for reference."""
+    rows = results["http"]["zipf"]["variants"]
+    what = f"{results['zipf_customers']:,} customers drawn Zipf({ZIPF_S:g})"
+    local = rows["starlette-allowances@zipf"]
+    ratio, p50 = local["ratio"], local["added_p50_us"]
+    add(
+        f"{what}, allowances: throughput vs bare",
+        ">= 0.70",
+        ratio,
+        ratio is not None and ratio >= 0.70,
+    )
+    add(f"{what}, allowances: added p50 at 1 connection", "-", p50, None, report._us(p50))
+    per_request = rows["starlette-metered@zipf"]
+    ratio, p50 = per_request["ratio"], per_request["added_p50_us"]
+    add(f"(reference) {what}, per request: throughput vs bare", "-", ratio, None)
+    name = f"(reference) {what}, per request: added p50 at 1 connection"
+    add(name, "-", p50, None, report._us(p50))
+    # Every answered request charged once, summed over the customers once allowances settled;
+    # the requests still in flight when wrk stopped may be charged as well.
+    pairs = [
+        m
+        for m in measurements
+        if m["group"] == "zipf" and "bare" not in m["server"] and m["connections"] == 1
+    ]
+    extra = [m["charged_in_pair"] - m["answered_in_pair"] for m in pairs]
+    ok = all(0 <= e <= m["in_flight_in_pair"] for e, m in zip(extra, pairs, strict=True))
+    shown = f"{min(extra):+,} to {max(extra):+,}" if extra else "-"
+    name = f"{what}: credits charged - requests answered, per measurement"
+    wanted = f"0 to +{pairs[0]['in_flight_in_pair']} (in flight at the end)" if pairs else "-"
+    add(name, wanted, None, ok and bool(extra), shown)
+    startup = [c["startup_s"] for c in results["sanity"].values() if "startup_s" in c]
+    if startup:
+        name = f"(reference) {what}: start-up until the last customer is admitted"
+        name += " (every server of the run starting at once)"
+        add(name, "-", max(startup), None, report._fmt(max(startup), 1, " s"))
 
 
 def growth(grid: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -439,6 +589,9 @@ def main() -> None:
     parser.add_argument("--latency-duration", type=int, help="seconds of each 1-connection run")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument("--customers", type=int, help="customers for the memory section")
+    parser.add_argument(
+        "--zipf-customers", type=int, default=10_000, help="customers for the zipf section"
+    )
     parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to N s for load < 1")
     parser.add_argument(
         "--no-publish", action="store_true", help="do not update RESULTS.md and the README"
@@ -472,6 +625,7 @@ def main() -> None:
         "duration_s": args.duration,
         "latency_duration_s": args.latency_duration,
         "sections": sorted(args.sections),
+        "zipf_customers": args.zipf_customers,
     }
     with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:
         redis = RedisServer(Path(tmp))

@@ -18,6 +18,16 @@ CREDITS = 10**15  # ~9,000 years of 3,000 priced requests per second at 1 credit
 FAR = 10**12  # tier thresholds no run reaches
 
 
+def customer_key(i: int) -> str:
+    """Return the API key of customer `i` of a many-customer config (see `gateway_config`)."""
+    return f"{API_KEY}-{i}"
+
+
+def customer_id(i: int) -> str:
+    """Return the id of customer `i` of a many-customer config."""
+    return f"{CUSTOMER}{i}"
+
+
 def tiers(count: int) -> list[dict[str, Any]]:
     """Return `count` ascending tiers: priced NotifyOnly tiers, the last one Deny."""
     levels = ["Normal", "Warning", "Critical"]
@@ -42,8 +52,13 @@ def gateway_config(
     assets: int = 1,
     tier_count: int = 3,
     upstream: str | None = None,
+    customers: int = 0,
 ) -> dict[str, Any]:
-    """Return the benchmark config: routes under /v1 meter every metric of the plan, cost 1 each."""
+    """Return the benchmark config: routes under /v1 meter every metric of the plan, cost 1 each.
+
+    With `customers` = N, the config has N customers instead of the one: customer `i` is
+    `customer_id(i)`, holds the key `customer_key(i)` and its own `credits` balance.
+    """
     names = metric_names(assets)
     balance = {"credits": {"amount": CREDITS}}
     config: dict[str, Any] = {
@@ -69,6 +84,15 @@ def gateway_config(
             {"path": "/v1/{rest:path}", "meter": [{"metric": m} for m in names]},
         ],
     }
+    if customers:
+        config["customers"] = {
+            customer_id(i): {
+                "api_keys": [customer_key(i)],
+                "entitlement": {"plan": "bench"},
+                "balances": balance,
+            }
+            for i in range(customers)
+        }
     if upstream is not None:
         config["proxy"] = {"upstream": upstream, "trusted_proxies": ["127.0.0.1/32"]}
     return config

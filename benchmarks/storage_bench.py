@@ -29,8 +29,36 @@ CONCURRENCY = 16
 def reseed(client: redis.Redis, config: dict[str, Any]) -> None:
     """Empty Redis and load the config's customers again (same entitlement version as before)."""
     client.flushall()
-    with Meter(config) as meter:
-        meter.balance(scenario.CUSTOMER, "credits")
+    with Meter(config) as meter:  # its first call loads every configured customer
+        meter.balance(next(iter(config["customers"])), "credits")
+
+
+Snapshot = list[tuple[bytes, int, bytes]]
+
+
+def snapshot(url: str) -> Snapshot:
+    """Return every key of Redis as (name, milliseconds to live or 0, DUMP payload)."""
+    raw = redis.Redis.from_url(url)  # DUMP payloads are bytes
+    names = list(raw.scan_iter(count=5000))
+    pipe = raw.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(name)
+        pipe.dump(name)
+    replies = pipe.execute()
+    raw.close()
+    return [
+        (n, max(0, ttl), payload)
+        for n, ttl, payload in zip(names, replies[::2], replies[1::2], strict=True)
+    ]
+
+
+def restore(client: redis.Redis, keys: Snapshot) -> None:
+    """Empty Redis and write a snapshot back: many customers reseeded in a fraction of the time."""
+    client.flushall()
+    pipe = client.pipeline(transaction=False)
+    for name, ttl, payload in keys:
+        pipe.restore(name, ttl, payload)
+    pipe.execute()
 
 
 def _commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:
