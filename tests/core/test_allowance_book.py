@@ -41,7 +41,8 @@ def test_a_key_asking_less_than_once_a_flush_stays_per_request() -> None:
     book = Book(AllowancesConfig(enabled=True, flush_ms=250))
     assert not book.busy(KEY, 100.0)  # first sight
     assert not book.busy(KEY, 101.0)  # a second later: quiet
-    assert book.busy(KEY, 101.1)  # within a flush: busy
+    assert not book.busy(KEY, 101.2)  # within a flush, but less than twice a flush
+    assert book.busy(KEY, 101.3)  # within half a flush: busy
 
 
 def test_the_size_follows_the_rate_and_max_units() -> None:

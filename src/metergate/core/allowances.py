@@ -188,13 +188,13 @@ class Book:
 
     def busy(self, key: Key, now: float) -> bool:
         """Whether the key is busy enough for an allowance: its previous request came within
-        one flush. A grant and a settlement cost two storage calls: a key asking less often
-        than once a flush is cheaper per request."""
+        half a flush. A grant and a settlement cost two storage calls: a key asking less than
+        twice a flush is as cheap or cheaper per request."""
         previous = self._seen.get(key)
         if len(self._seen) >= SEEN_KEYS:
             self._seen.clear()
         self._seen[key] = now
-        if previous is None or now - previous > self.flush_s:
+        if previous is None or now - previous > self.flush_s / 2:
             return False
         if key not in self._rate:
             self._rate[key] = 1 / max(now - previous, 1e-4)
@@ -309,7 +309,7 @@ class Book:
         elapsed = max(now - allowance.opened, 0.001)
         # an allowance emptied early says the rate is at least that; one that lasted says it
         rate = allowance.taken / elapsed
-        if rate * self.flush_s >= 1:
+        if rate * self.flush_s >= 2:
             self._rate[allowance.key] = rate
             self._seen[allowance.key] = now  # still busy: its next request takes a new one
         else:
