@@ -797,7 +797,9 @@ class _UniqueKeys(yaml.constructor.SafeConstructor):
                 key: Any = key_node.value  # what constructing it gives, without the call
             else:
                 key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):
+                continue  # PyYAML refuses it below ("found unhashable key")
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
