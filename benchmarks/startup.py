@@ -24,6 +24,7 @@ import redis
 import scenario
 import yaml
 
+import metergate.config
 from metergate import Meter, load_config
 from metergate.config import GatewayConfig
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--redis", help="a Redis URL to measure as well (flushed first)")
     args = parser.parse_args()
 
-    loader = "C (libyaml)" if getattr(yaml, "CSafeLoader", None) else "pure Python"
+    loader = "libyaml" if metergate.config._CLoader is not None else "pure-Python"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "metergate.yaml"
         data = config("memory://startup", args.customers)
