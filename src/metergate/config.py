@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import difflib
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -744,6 +746,8 @@ def _expand_env(
     node: Any, loc: tuple[int | str, ...], env: Mapping[str, str], errors: list[tuple[str, str]]
 ) -> Any:
     if isinstance(node, str):
+        if "${" not in node:
+            return node  # most strings name no variable: no substitution to try
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -778,21 +782,33 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     return cfg
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    """Refuses a key given twice in one mapping (PyYAML keeps the last), for either parser."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if key_node.tag == _STR_TAG and isinstance(key_node, yaml.ScalarNode):
+                key: Any = key_node.value  # what constructing it gives, without the call
+            else:
+                key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML refuses it below ("found unhashable key")
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
+    """The pure-Python safe YAML loader, refusing duplicate keys."""
 
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
@@ -863,6 +879,111 @@ class _LimitedLoader(_UniqueKeyLoader):
         return node
 
 
+# libyaml (PyYAML's C parser) composes about ten times as fast as the pure-Python parser, but its
+# composer gives no hook at each alias. So a document is composed in C, and the composed graph is
+# checked for what `_LimitedLoader` checks while composing: no alias expands past the limits,
+# nor the whole document. A document that fails any check, or fails to load at all, is loaded
+# again by `_LimitedLoader`, whose answer (the data, or the error in its words) is then the
+# answer: both loaders refuse the same files with the same messages.
+
+_FAST_MAX_DEPTH = 64
+"""Documents nested deeper than this are left to the pure loader (which may refuse them)."""
+
+
+class _Fallback(Exception):
+    """The composed document needs the pure loader's verdict."""
+
+
+def _check_composed(root: yaml.Node) -> None:
+    """Raise _Fallback unless every alias and the whole document are within the limits, and the
+    document is at most _FAST_MAX_DEPTH deep (nesting the pure loader also accepts)."""
+    # One pass level by level; a node met twice is an alias's. Without aliases, the document's
+    # expanded size is the plain sum, so only documents with aliases need `_expanded`.
+    seen: set[int] = set()
+    aliased: list[yaml.Node] = []
+    size = 0
+    level: list[yaml.Node] = [root]
+    for _depth in range(_FAST_MAX_DEPTH):
+        below: list[yaml.Node] = []
+        for node in level:
+            if id(node) in seen:
+                aliased.append(node)
+                continue
+            seen.add(id(node))
+            value = node.value
+            if isinstance(value, str):
+                size += len(value) + 1
+            elif isinstance(node, yaml.SequenceNode):
+                size += 2
+                below.extend(value)
+            else:
+                size += 2
+                below.extend(itertools.chain.from_iterable(value))
+        if not below:
+            break
+        level = below
+    else:
+        raise _Fallback  # deeper than _FAST_MAX_DEPTH
+    if not aliased:
+        if size > MAX_DOCUMENT_BYTES:
+            raise _Fallback
+        return
+    memo: dict[int, tuple[int, int]] = {}
+    for node in aliased:
+        nodes, length = _expanded(node, memo, set())
+        if nodes > MAX_ALIAS_NODES or length > MAX_DOCUMENT_BYTES:
+            raise _Fallback
+    if _expanded(root, {}, set())[1] > MAX_DOCUMENT_BYTES:
+        raise _Fallback
+
+
+def _caps_nesting(loader: type[Any]) -> bool:
+    """Whether the C parser refuses absurd nesting itself (libyaml 0.2.5 and later stop at 1000
+    levels), as its composer recurses in C: without that cap, a deep document could overflow the
+    stack instead of raising."""
+    try:
+        yaml.compose("[" * 2000 + "]" * 2000, Loader=loader)
+    except yaml.YAMLError:
+        return True
+    return False
+
+
+_CSafeLoader: type[Any] | None = getattr(yaml, "CSafeLoader", None)
+_CLoader: type[Any] | None = None
+if _CSafeLoader is not None and _caps_nesting(_CSafeLoader):
+
+    class _CUniqueKeyLoader(_UniqueKeys, _CSafeLoader):  # type: ignore[misc, valid-type]
+        """libyaml's safe loader, refusing duplicate keys and checking the composed document."""
+
+        def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+            # A scalar's tag depends on its text and how it was written only: a config repeats
+            # the same keys and values for each customer, so each is resolved once.
+            if kind is not yaml.ScalarNode:
+                return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
+            tags: dict[tuple[str, Any], str] = self.__dict__.setdefault("_tags", {})
+            tag = tags.get((value, implicit))
+            if tag is None:
+                tag = tags[value, implicit] = super().resolve(kind, value, implicit)
+            return tag
+
+        def get_single_node(self) -> yaml.Node | None:
+            node: yaml.Node | None = super().get_single_node()
+            if node is not None:
+                _check_composed(node)
+            return node
+
+    _CLoader = _CUniqueKeyLoader
+
+
+def _load_yaml(text: str) -> Any:
+    """Load a YAML document: with libyaml when present and the document passes its checks, and
+    otherwise (or when it fails) with the pure-Python `_LimitedLoader`, which decides."""
+    if _CLoader is not None:
+        with contextlib.suppress(Exception):  # any failure: the pure loader gives the answer
+            return yaml.load(text, Loader=_CLoader)
+    return yaml.load(text, Loader=_LimitedLoader)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -879,7 +1000,7 @@ def _parse(text: str, suffix: str) -> Any:
             return json.loads(text, object_pairs_hook=_unique_keys)
         if suffix == ".toml":
             return tomllib.loads(text)
-        return yaml.load(text, Loader=_LimitedLoader)
+        return _load_yaml(text)
     except RecursionError:
         raise ValueError("the document is nested too deeply") from None
     except json.JSONDecodeError as exc:

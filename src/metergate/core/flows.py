@@ -80,6 +80,8 @@ class Batch:
 
 Flow = Generator[Script | Command | Batch, Any, T]
 
+_BOOT_FORMAT = 1  # the version of what a customer's start-up digest covers
+_CHUNK = 1000  # members or field pairs per command when a start writes many at once
 KEYED_OP_TTL_S = 86_400
 AUTO_OP_TTL_S = 600
 LEDGER_LIMIT = 10_000
@@ -266,16 +268,7 @@ class MeterCore:
             )
         self._generations.update(found)
         yield from self._load_deployment()
-        for cid, customer in self.config.customers.items():
-            _check_name(cid, "customer")
-            if self.sentinel(self.keys.partition(cid)) in lost:
-                continue
-            yield from self._put_customer(
-                cid,
-                customer,
-                only_if_missing=True,
-                api_keys=self.sentinel(None) not in lost,
-            )
+        yield from self._load_customers(lost)
         fresh = sorted(missing - lost)
         if fresh:
             # Written last, so that a bootstrap dying half-way leaves no sentinel on a fresh
@@ -287,6 +280,79 @@ class MeterCore:
                 (key, v) for key, v in zip(fresh, values, strict=True) if v is not None
             )
         self._bootstrapped = True
+
+    def _load_customers(self, lost: set[str]) -> Flow[None]:
+        """Write the configured customers whose stored definition differs from the config.
+
+        Each customer's hash keeps a digest (`cfg`) of the definition last loaded into it, written
+        once its entitlement, balances and API keys are stored. One pipelined read of the digests
+        tells the customers already loaded from an identical definition, which are left alone:
+        a start with unchanged customers writes none of them, however many there are.
+        """
+        api_keys = self.sentinel(None) not in lost
+        todo: list[tuple[str, CustomerConfig, str]] = []
+        for cid, customer in self.config.customers.items():
+            _check_name(cid, "customer")
+            if self.sentinel(self.keys.partition(cid)) not in lost:
+                todo.append((cid, customer, self.customer_digest(customer)))
+        if not todo:
+            return
+        stored = yield Batch(tuple(("HGET", self.keys.customer(cid), "cfg") for cid, _, _ in todo))
+        changed = [item for item, seen in zip(todo, stored, strict=True) if seen != item[2]]
+        for cid, customer, _ in changed:
+            yield from self._put_customer(
+                cid, customer, only_if_missing=True, api_keys=False, listed=False
+            )
+        if api_keys:
+            # The configured keys of the customers written, in two batches: a configured key
+            # revoked at runtime is not brought back by the next start.
+            keys = [(key, cid) for cid, customer, _ in changed for key in customer.api_keys]
+            if keys:
+                revoked = yield Batch(
+                    tuple(("SISMEMBER", self.keys.revoked_keys, key) for key, _ in keys)
+                )
+                pairs: list[str] = []
+                for (key, cid), gone in zip(keys, revoked, strict=True):
+                    if not gone:
+                        pairs += (key, cid)
+                if pairs:
+                    yield Batch(
+                        tuple(
+                            ("HSET", self.keys.api_keys, *pairs[i : i + _CHUNK])
+                            for i in range(0, len(pairs), _CHUNK)
+                        )
+                    )
+            if changed:
+                # last: a start dying before this line loads these customers again
+                yield Batch(
+                    tuple(("HSET", self.keys.customer(cid), "cfg", d) for cid, _, d in changed)
+                )
+        # The set of customers lives in no partition's slot, so no sentinel guards it: every
+        # start adds them all again, in a few commands.
+        ids = [cid for cid, _, _ in todo]
+        yield Batch(
+            tuple(
+                ("SADD", self.keys.customers, *ids[i : i + _CHUNK])
+                for i in range(0, len(ids), _CHUNK)
+            )
+        )
+
+    def customer_digest(self, spec: CustomerConfig) -> str:
+        """Return the digest of a configured customer as this deployment loads it at start."""
+        ent = spec.entitlement
+        definition = [
+            _BOOT_FORMAT,
+            self.deployment,
+            ent.plan,
+            ent.anchor.isoformat() if ent.anchor else "",
+            ent.timezone,
+            sorted(
+                [name, b.unit, b.amount, b.overage, b.low_at] for name, b in spec.balances.items()
+            ),
+            spec.api_keys,
+        ]
+        raw = json.dumps(definition, separators=(",", ":"))
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def deployment_key(self) -> str:
         """Return the key holding the deployment's id (a ULID chosen by the first process)."""
@@ -307,8 +373,16 @@ class MeterCore:
         yield from self._put_customer(customer, spec, only_if_missing=False)
 
     def _put_customer(
-        self, cid: str, spec: CustomerConfig, *, only_if_missing: bool, api_keys: bool = True
+        self,
+        cid: str,
+        spec: CustomerConfig,
+        *,
+        only_if_missing: bool,
+        api_keys: bool = True,
+        listed: bool = True,
     ) -> Flow[None]:
+        # api_keys, listed: False when the caller stores the keys, or adds the customer to the
+        # set of customers, itself (a start does both for many customers at once)
         _check_name(cid, "customer")
         ent = spec.entitlement
         self._check_entitlement(ent.plan, ent.timezone)
@@ -325,7 +399,8 @@ class MeterCore:
                 self.deployment,
             ),
         )
-        yield Command(("SADD", self.keys.customers, cid))
+        if listed:
+            yield Command(("SADD", self.keys.customers, cid))
         for name, balance in spec.balances.items():
             yield from self._create_balance(cid, name, balance, keep_settings=only_if_missing)
         for key_hash in spec.api_keys if api_keys else ():

@@ -21,6 +21,8 @@ MAX_NAME_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Lone surrogates are not characters: they cannot be encoded, so they cannot be stored.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Either of the two: one search clears the common, valid name.
+_ANY_BAD = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # `%` first, so an escaped name never reads as another name's escape.
 _SPECIAL = re.compile(r"[%:{}]")
 _ESCAPES = {"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"}
@@ -32,6 +34,8 @@ def name_problem(value: object) -> str | None:
         return f"must be a string, not {type(value).__name__}"
     if not 1 <= len(value) <= MAX_NAME_LENGTH:
         return f"must be 1 to {MAX_NAME_LENGTH} characters long, not {len(value)}"
+    if _ANY_BAD.search(value) is None:
+        return None
     if _CONTROL.search(value):
         return "must not contain control characters"
     if _SURROGATE.search(value):
