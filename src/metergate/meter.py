@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -194,6 +196,10 @@ class Meter:
         with self._flusher_lock:
             if self._flusher is not None and self._flusher.is_alive():
                 return
+            if self._flusher is None:
+                # A WSGI server has no shutdown hook: settle at interpreter exit (a worker
+                # recycled by its server), so that what was given is charged.
+                atexit.register(_settle_at_exit, weakref.ref(self))
             self._flusher = threading.Thread(
                 target=self._flush_forever, args=(book,), name="metergate-allowances", daemon=True
             )
@@ -768,6 +774,15 @@ class AsyncMeter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _settle_at_exit(ref: weakref.ref[Meter]) -> None:
+    meter = ref()
+    if meter is not None and not meter._stopping.is_set():
+        try:
+            meter.sync()
+        except Exception:  # the holds expire on their own: nothing unadmitted is charged
+            logger.exception("metergate: settling allowances at exit failed")
 
 
 def _lease_ms(seconds: int | None, ms: int | None) -> int | None:

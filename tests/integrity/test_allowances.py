@@ -211,3 +211,36 @@ def test_the_headers_of_a_request_from_an_allowance_are_a_per_request_admissions
             assert decision.ticket is not None
             meter.settle(decision.ticket)
         assert seen == [(LIMIT - i, 1_000_000 - i) for i in range(1, 7)]
+
+
+EXITS = textwrap.dedent(
+    """
+    import json, sys
+    from metergate import Meter
+    meter = Meter(json.loads(sys.argv[1]))
+    for _ in range(7):
+        decision = meter.admit_request("acme", {"calls": 1})
+        assert decision.allowed
+        meter.settle(decision.ticket)
+    assert len(meter.book) == 1  # one allowance open, nothing settled: then the process exits
+    """
+)
+
+
+def test_a_process_that_exits_without_closing_settles_at_exit(shared_url: str) -> None:
+    """A WSGI worker recycled by its server never closes its Meter: what it gave is settled at
+    interpreter exit all the same."""
+    import json
+
+    config = _config(shared_url, flush_ms=600_000)
+    subprocess.run(
+        [sys.executable, "-c", EXITS, json.dumps(config)],
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    with Meter({**config, "allowances": {"enabled": False}}) as reader:
+        usage = reader.usage(CUSTOMER, "calls")
+        balance = reader.balance(CUSTOMER, "credits")
+    assert usage["value"] == 7 and usage["pending"] == 0
+    assert balance.held == 0 and balance.amount == 1_000_000 - 7

@@ -183,7 +183,7 @@ class Book:
             return False
         if now < until:
             return True
-        del self._cold[key]
+        self._cold.pop(key, None)  # threads may race here
         return False
 
     def busy(self, key: Key, now: float) -> bool:
