@@ -504,7 +504,9 @@ class Gate:
 
 
 class KeyCache:
-    """API key -> customer, remembered for `ttl_s` so most requests need no lookup.
+    """API key -> customer, remembered for `ttl_s` so most requests need no lookup (a minute:
+    revocations are followed by their count, below, not by the entry's age; with thousands of
+    customers, a short life would make most of the quieter ones' requests a lookup).
 
     An entry is trusted only while it carries the revocation count of `revocations` and for
     `CHECK_S` after the last lookup (which reads the count again): a key revoked by this process
@@ -512,7 +514,7 @@ class KeyCache:
     remembered, so a key issued at runtime works at once."""
 
     def __init__(
-        self, revocations: Revocations | None = None, ttl_s: float = 5.0, size: int = 100_000
+        self, revocations: Revocations | None = None, ttl_s: float = 60.0, size: int = 100_000
     ) -> None:
         self.revocations = revocations or Revocations()
         self.ttl_s = ttl_s
