@@ -140,6 +140,7 @@ class MeteringMiddleware:
             headers,
             scope,
             keyless=self.identify is not None,
+            known=self._known,
         )
         verdict, receive = await self._drive(flow, scope, receive, headers)
         await self._act(verdict, scope, receive, send)
@@ -251,10 +252,11 @@ class MeteringMiddleware:
             scope,
             receive,
             send,
-            verdict.fields,
+            [],
             end,
             read_headers=False,
             refund_on=verdict.refund_on,
+            added=allowance.raw_fields(verdict.left, verdict.now_s),
         )
 
     async def _keyed(self, scope: Scope, receive: Receive, send: Send, planned: Admission) -> None:
@@ -421,6 +423,10 @@ class MeteringMiddleware:
             operation=operation or None,
         )
 
+    def _known(self, key: str) -> str | None:
+        """The customer remembered for `key`, without asking storage."""
+        return self._keys.get(key, time.monotonic())
+
     async def _customer(self, scope: Scope, key: str | None) -> str | None:
         if self.identify is not None:
             found = self.identify(scope)
@@ -469,14 +475,17 @@ class MeteringMiddleware:
         read_headers: bool = True,
         tap: AsgiResponseTap | None = None,
         refund_on: frozenset[int] = frozenset(),
+        added: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Run the app with our fields added; `on_end` runs once, however the response ends.
+        """Run the app with our fields added (`added`: already encoded); `on_end` runs once,
+        however the response ends.
 
         `on_end` gets the response's header fields (lowercased) when `read_headers`, else none,
         and whether the admission is to be refunded: the status is in `refund_on`, the gateway
         answered itself (413, 400, 502, 504), or the app raised before answering (a 500).
         """
-        added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
+        if added is None:
+            added = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
         response_headers: dict[str, str] = {}
         ended = False
         trailers = False

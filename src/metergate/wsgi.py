@@ -214,6 +214,7 @@ class WSGIMeteringMiddleware:
             headers,
             environ,
             keyless=self.identify is not None,
+            known=self._known,
         )
         return self._act(self._drive(flow, environ, headers), environ, start_response, [])
 
@@ -348,7 +349,8 @@ class WSGIMeteringMiddleware:
     ) -> Iterable[bytes]:
         """Serve a request given from a local allowance, with the fields storage would give,
         and give it back to the allowance if it is refunded."""
-        book, allowance, fields = self.meter.book, verdict.allowance, verdict.fields
+        book, allowance = self.meter.book, verdict.allowance
+        fields = allowance.fields(verdict.left, verdict.now_s)
         assert book is not None
         if not verdict.refund_on:
             book.release(allowance, False)  # nothing can refund it: it is served
@@ -505,6 +507,10 @@ class WSGIMeteringMiddleware:
             attempt=attempt,
             operation=operation or None,
         )
+
+    def _known(self, key: str) -> str | None:
+        """The customer remembered for `key`, without asking storage."""
+        return self._keys.get(key, time.monotonic())
 
     def _customer(self, environ: Environ, key: str | None) -> str | None:
         if self.identify is not None:

@@ -92,5 +92,8 @@ def test_the_fast_fields_are_the_decisions_fields() -> None:
         allowance, left = got
         slow = ratelimit_fields(decision_for(allowance, left), 1_000_000.0)
         assert allowance.fields(left, 1_000_000.0) == slow
+        assert allowance.raw_fields(left, 1_000_000.0) == [
+            (k.encode(), v.encode()) for k, v in slow
+        ]
         assert dict(slow)["ratelimit"] == f'"calls";r={400 + left};t=1592000'
         assert dict(slow)["metergate-balance"] == str(990 + 2 * left)

@@ -92,6 +92,33 @@ class Allowance:
                 out.append(("metergate-balance", text))
         return out
 
+    def raw_fields(self, left: int, now_s: float) -> list[tuple[bytes, bytes]]:
+        """`fields`, encoded for ASGI from parts encoded once."""
+        encoded = self.encoded
+        if encoded is None:
+            encoded = self.encoded = _encode(self)
+        out: list[tuple[bytes, bytes]] = []
+        if encoded.policy:
+            items = []
+            for name, base, per, end in encoded.raw_limits:
+                if end is None:
+                    items.append(b"%s;r=%d" % (name, base + left * per))
+                else:
+                    reset = max(0, math.ceil(end - now_s))
+                    items.append(b"%s;r=%d;t=%d" % (name, base + left * per, reset))
+            out.append((b"ratelimit-policy", encoded.raw_policy))
+            out.append((b"ratelimit", b", ".join(items)))
+        if encoded.level:
+            out.append((b"metergate-level", encoded.raw_level))
+        if len(encoded.balances) == 1:
+            _name, base, held = encoded.balances[0]
+            out.append((b"metergate-balance", b"%d" % (base + held * left // self.granted)))
+        elif encoded.balances:
+            out.append(
+                (b"metergate-balance", dict(self.fields(left, now_s))["metergate-balance"].encode())
+            )
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
@@ -104,6 +131,9 @@ class Encoded:
     level: str
     balances: tuple[tuple[str, int, int], ...]
     """Per balance: name, available with the whole allowance held, credits the allowance holds."""
+    raw_policy: bytes = b""
+    raw_limits: tuple[tuple[bytes, int, int, float | None], ...] = ()
+    raw_level: bytes = b""
 
 
 def _encode(allowance: Allowance) -> Encoded:
@@ -123,6 +153,9 @@ def _encode(allowance: Allowance) -> Encoded:
     return Encoded(
         policy=", ".join(policies),
         limits=tuple(limits),
+        raw_policy=", ".join(policies).encode("latin-1"),
+        raw_limits=tuple((n.encode("latin-1"), b, p, e) for n, b, p, e in limits),
+        raw_level=(base.level or "").encode("latin-1"),
         level=base.level or "",
         balances=tuple(
             (name, available, allowance.held.get(name, 0))

@@ -94,7 +94,9 @@ class Local:
 
     customer: str
     allowance: Allowance
-    fields: list[tuple[str, str]]
+    left: int
+    """Requests the allowance has still free: its fields count them as not taken."""
+    now_s: float
     refund_on: frozenset[int]
 
 
@@ -148,12 +150,14 @@ def request_flow(
     request: Any,
     *,
     keyless: bool = False,
+    known: Callable[[str], str | None] | None = None,
 ) -> Flow:
     """Decide one request whose path is already normalized: route, identify, admit.
 
     `clock` gives epoch seconds (the fields' resets), `monotonic` a steady clock (allowances and
     timings); `request` is the framework's own (the ASGI scope or WSGI environ) for custom cost
-    callables; `keyless` when the middleware identifies customers itself (`identify=`)."""
+    callables; `keyless` when the middleware identifies customers itself (`identify=`); `known`
+    answers from the driver's key cache, so that a remembered key asks nothing."""
     route = gate.routes.match(method, path)
     if route is None:
         answer = gate.unmatched()
@@ -161,8 +165,10 @@ def request_flow(
     if not route.costs:
         return PassThrough()
     key = None if keyless else gate.key_of(headers)
+    customer = known(key) if known is not None and key is not None else None
     try:
-        customer = yield Identify(key)
+        if customer is None:
+            customer = yield Identify(key)
     except StorageUnavailable:
         # Nobody could be looked up: in `open` mode the request passes, billed to its key later.
         planned = gate.admission("", route, headers, request)
@@ -182,7 +188,7 @@ def request_flow(
         if got is not None:
             observe_local()
             allowance, left = got
-            return Local(customer, allowance, allowance.fields(left, clock()), route.refund_on)
+            return Local(customer, allowance, left, clock(), route.refund_on)
     reserves = None
     if route.request_reserves:
         reserves = yield ReadReserves(route)
