@@ -151,17 +151,21 @@ local function ensure_tiers(a, upto)
 end
 
 local assets = {}
+local NONE = {} -- never written: see `stateful` below
 local grant = false
 for i = 1, n do
-  -- every field the admission sets is named here, so the table is sized once
+  -- The fields every admission sets are named here (32: the table is sized once); the period's
+  -- RFC 3339 bounds stay in ARGV (p + 6, p + 7) until an event needs them. An asset without
+  -- per-tier state shares one empty table for it.
+  local flags = ARGV[p + 10]
+  local tat, tats, base_flags, base_set = NONE, NONE, NONE, NONE
+  if string.find(flags, '[brx]') then tat, tats, base_flags, base_set = {}, {}, {}, {} end
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
-    ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
-    bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), flags = ARGV[p + 10], key = KEYS[3 + 2 * i],
-    xkey = KEYS[4 + 2 * i], tiers = {}, froms = {}, tat = {}, charge = 0, tp = p + 11,
-    crd = 0, w = false, xn = 0, base_flags = false, base_set = false, tats = false, v = 0,
-    pend = 0, lvl = 0, stored_lvl = false, ovg = 0, susp = false, last = 0, peak = 0,
-    due = false, expired = false, stored_ps = 0, rollover = false, closing = false,
-    suspend = false, facts = false, d = 0, ovg_added = false, charged = false}
+    ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]),
+    flags = flags, key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i], tiers = {}, froms = {},
+    tat = tat, charge = 0, tp = p + 11, crd = 0, w = false, xn = 0, base_flags = base_flags,
+    base_set = base_set, tats = tats, v = 0, pend = 0, lvl = 0, stored_lvl = false, ovg = 0,
+    susp = false, stored_ps = 0, d = 0, ovg_added = false, charged = false}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
   if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
     or not is_kind(a.kind) or not is_mode(a.mode) or #a.flags ~= a.nt
@@ -300,7 +304,7 @@ for i = 1, n do
   -- One read of the whole state: the fields every kind keeps, `last` and `peak` for the kinds
   -- that keep them (TotalCounter, Gauge), then the base flag and throttle of the tiers that have
   -- them (their flags say which).
-  local stateful = string.find(a.flags, '[brx]')
+  local stateful = a.tat ~= NONE
   local kept = a.kind == 'T' or a.kind == 'G'
   local h
   if not stateful and not kept then
@@ -318,7 +322,6 @@ for i = 1, n do
   a.crd = tonumber(h[8] or '0') -- credits charged in the period, for period.closed
   a.w = {}
   a.xn = tonumber(h[7] or '0')
-  a.base_flags, a.base_set, a.tats = {}, {}, {}
   if stateful then
     for k = 1, a.nt do
       a.base_flags[k] = tonumber(h[9 + 2 * k] or '-1')
@@ -331,7 +334,7 @@ for i = 1, n do
   if a.stored_lvl then a.lvl = a.stored_lvl end
   a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
   -- (a CumulativeCounter or UpDownCounter never uses them)
-  a.last, a.peak = tonumber(h[9] or '0'), tonumber(h[10] or '0')
+  if kept then a.last, a.peak = tonumber(h[9] or '0'), tonumber(h[10] or '0') end
   -- `xn` counts the open holds and leases, so an asset without any skips the expiry scan.
   if a.xn > 0 then
     local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
@@ -460,7 +463,6 @@ for i = 1, n do
   local a = assets[i]
   local mode, kind = a.mode, a.kind
   local is_fact = mode == 's' or mode == 'x' or (mode == 'r' and (kind == 'T' or kind == 'G'))
-  a.facts = is_fact
   if not is_fact then facts = false end
   -- the recorded delta (d), and the span checked against the tiers (before -> after)
   local d, before, after = 0, a.v + a.pend, a.v + a.pend
@@ -534,7 +536,9 @@ local function level_event(a, new_v)
       R = 'RateLimit', D = 'Deny', S = 'SuspendUsage'}
     local LEVELS = {'Normal', 'Warning', 'Critical', 'OverUsage'}
     local ps, pe = {'period_start', 'null', 'r'}, {'period_end', 'null', 'r'}
-    if a.pe > 0 then ps, pe = {'period_start', a.ps_iso, 's'}, {'period_end', a.pe_iso, 's'} end
+    if a.pe > 0 then
+      ps, pe = {'period_start', ARGV[a.tp - 5], 's'}, {'period_end', ARGV[a.tp - 4], 's'}
+    end
     emit(outbox, cust_key, customer, now, 'quota.level_changed', {
       {'metric', a.metric, 's'}, {'from_level', LEVELS[a.lvl + 1], 's'},
       {'to_level', LEVELS[lvl + 1], 's'}, {'policy', POLICIES[a.tiers[k].policy], 's'},
