@@ -568,8 +568,8 @@ def growth(grid: list[dict[str, Any]]) -> dict[str, Any] | None:
         "; ".join(parts)
         + f". About {per_asset:.0f} us per extra asset (at {lo_t} tiers) and {per_tier:.1f} us per"
         " extra tier per asset: an asset costs its state read and write and its share of the"
-        " usage window; a tier costs one argument sent and one number read (only the tiers a"
-        " value reaches are parsed)."
+        " usage window; a tier costs two arguments sent, its `from` and its other fields packed"
+        " in one (only the tiers a value reaches are parsed)."
     )
     by_assets, by_tiers = checks[0], checks[len(tiers)]
     short = (

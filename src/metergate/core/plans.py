@@ -76,20 +76,25 @@ class CompiledAsset:
 
 
 def _compile(metric: str, kind: str, asset: AssetConfig) -> CompiledAsset:
-    args: list[str] = []
+    # Every tier's `from`, then one argument per tier of its other fields: the script parses
+    # a tier only when a value reaches it.
+    args: list[str] = [str(tier.from_) for tier in asset.tiers]
     for tier in asset.tiers:
         rate, price = tier.rate, tier.price
-        args += [
-            str(tier.from_),
-            str(LEVELS.index(tier.level)),
-            POLICY_CODES[tier.policy],
-            str(tier.grace or 0),
-            str(rate.limit if rate else 1),
-            str(rate.per if rate else 1000),
-            str(price.per_unit if price else 0),
-            str(price.per if price else 1),
-            str(price.base if price else 0),
-        ]
+        args.append(
+            " ".join(
+                (
+                    str(LEVELS.index(tier.level)),
+                    POLICY_CODES[tier.policy],
+                    str(tier.grace or 0),
+                    str(rate.limit if rate else 1),
+                    str(rate.per if rate else 1000),
+                    str(price.per_unit if price else 0),
+                    str(price.per if price else 1),
+                    str(price.base if price else 0),
+                )
+            )
+        )
     flags = "".join(
         "xrb-"[(t.price is None or not t.price.base) * 1 + (t.policy != "RateLimit") * 2]
         for t in asset.tiers

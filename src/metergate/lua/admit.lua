@@ -14,11 +14,12 @@
 --         mode (a admit, e estimate-hold, r record, s settle a hold, x end a lease, g grant an
 --         allowance: see below), amount,
 --         period start ms, period end ms (0 = none), period start RFC 3339, period end RFC 3339,
---         balance index (0 = none), tier count, tier flags (one character per tier: 'b' when
---         it has a base price, 'r' when it is a RateLimit tier, 'x' both, '-' neither), then per
---         tier: from, level index,
---         policy (N notify, O overage, G grace, R rate limit, D deny, S suspend), grace,
---         rate limit, rate period ms, price per_unit, price per, price base;
+--         balance index (0 = none), tier count k, tier flags (one character per tier: 'b' when
+--         it has a base price, 'r' when it is a RateLimit tier, 'x' both, '-' neither), then the
+--         k tiers' `from`, then per tier one argument of its other fields, separated by spaces:
+--         level index, policy (N notify, O overage, G grace, R rate limit, D deny, S suspend),
+--         grace, rate limit, rate period ms, price per_unit, price per, price base
+--         (e.g. '0 N 0 1 1000 1 1 0'; only the tiers a value reaches are parsed);
 --       then the usage window's start ms and end ms (windows of `usage_report_interval`),
 --       then the attempt id ('' = no undo record: settlements and records).
 -- Units: amounts are integers of the metric's unit; prices integers of the balance's minor unit.
@@ -77,48 +78,61 @@ end
 if ver ~= '' and redis.call('HGET', cust_key, 'ver') ~= ver then return {'stale'} end
 
 -- Parse and validate everything before the first write: Redis has no rollback.
-local KINDS = {C = true, T = true, G = true, U = true}
-local MODES = {a = true, e = true, r = true, s = true, x = true, g = true}
-local POLICIES = {N = 'NotifyOnly', O = 'AllowWithOverage', G = 'AllowWithGrace', R = 'RateLimit',
-  D = 'Deny', S = 'SuspendUsage'}
-local LEVELS = {'Normal', 'Warning', 'Critical', 'OverUsage'}
+-- Codes are checked by comparison (no lookup table is built per call); the names are looked up
+-- only for an event.
+local function is_kind(c) return c == 'C' or c == 'T' or c == 'G' or c == 'U' end
+local function is_mode(c)
+  return c == 'a' or c == 'e' or c == 'r' or c == 's' or c == 'x' or c == 'g'
+end
+local function is_policy(c)
+  return c == 'N' or c == 'O' or c == 'G' or c == 'R' or c == 'D' or c == 'S'
+end
 
 local p = 12
 local bal = {}
 for j = 1, m do
+  -- every field the admission sets is named here, so the table is sized once
   bal[j] = {name = ARGV[p], key = KEYS[4 + 2 * n + 2 * j - 1], xkey = KEYS[4 + 2 * n + 2 * j],
-    charge = 0, hold = 0}
+    charge = 0, hold = 0, exists = false, amt = 0, held = 0, ovg = 0, susp = false, low = false,
+    uw = false, ud = 0, un = 0, expired = false, settles = false, used = false}
   p = p + 1
 end
 -- Tiers are read lazily: every `from` up front (they place a value in a tier), the first tier
 -- whole, and the others only when a value reaches them, so an admission that stays in one tier
 -- pays for one tier whatever the plan's length. `ensure_tiers` parses every tier the admission
 -- can touch before the first write, so a malformed tier still changes nothing.
+local TIER = '^(%-?%d+) (%u) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)$'
 local function parse_tier(a, k)
-  local q = a.tp + 9 * (k - 1)
-  local t = {from = a.froms[k], level = num(ARGV[q + 1]), policy = ARGV[q + 2],
-    grace = num(ARGV[q + 3]), limit = num(ARGV[q + 4]), per = num(ARGV[q + 5]),
-    pu = num(ARGV[q + 6]), pper = num(ARGV[q + 7]), base = num(ARGV[q + 8])}
-  if not (t.level and t.grace and t.limit and t.per and t.pu and t.pper and t.base)
-    or t.pper < 1 or t.limit < 1 or t.per < 1 or not POLICIES[t.policy]
-    or not LEVELS[t.level + 1] then
+  local level, policy, grace, limit, per, pu, pper, base =
+    string.match(ARGV[a.tp + a.nt + k - 1] or '', TIER)
+  if level then
+    level, grace, limit, per = tonumber(level), tonumber(grace), tonumber(limit), tonumber(per)
+    pu, pper, base = tonumber(pu), tonumber(pper), tonumber(base)
+  end
+  -- whole numbers by the pattern; num's other checks inline
+  if not level or grace > MAX_SAFE or grace < -MAX_SAFE or pu > MAX_SAFE or pu < -MAX_SAFE
+    or base > MAX_SAFE or base < -MAX_SAFE or limit > MAX_SAFE or per > MAX_SAFE
+    or pper > MAX_SAFE or pper < 1 or limit < 1 or per < 1 or not is_policy(policy)
+    or level < 0 or level > 3 then
     return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
   end
   -- the flags told which per-tier state to load: they must agree with the tier itself
   local flag = '-'
-  if t.base > 0 then flag = 'b' end
-  if t.policy == 'R' then
+  if base > 0 then flag = 'b' end
+  if policy == 'R' then
     if flag == 'b' then flag = 'x' else flag = 'r' end
   end
   if string.sub(a.flags, k, k) ~= flag then
     return bad('tier', 'flags disagree with tier ' .. k .. ' for ' .. a.metric)
   end
-  a.tiers[k] = t
+  a.tiers[k] = {from = a.froms[k], level = level, policy = policy, grace = grace, limit = limit,
+    per = per, pu = pu, pper = pper, base = base}
   return nil
 end
 
 local function tier_of(a, v)
   local froms = a.froms
+  if a.nt == 1 or v <= froms[2] then return 1 end -- the common case
   local k = 1
   for i = 2, a.nt do
     if froms[i] < v then k = i else break end
@@ -137,15 +151,24 @@ local function ensure_tiers(a, upto)
 end
 
 local assets = {}
+local NONE = {} -- never written: see `stateful` below
 local grant = false
 for i = 1, n do
+  -- The fields every admission sets are named here (32: the table is sized once); the period's
+  -- RFC 3339 bounds stay in ARGV (p + 6, p + 7) until an event needs them. An asset without
+  -- per-tier state shares one empty table for it.
+  local flags = ARGV[p + 10]
+  local tat, tats, base_flags, base_set = NONE, NONE, NONE, NONE
+  if string.find(flags, '[brx]') then tat, tats, base_flags, base_set = {}, {}, {}, {} end
   local a = {metric = ARGV[p], kind = ARGV[p + 1], mode = ARGV[p + 2], amount = int(ARGV[p + 3]),
-    ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), ps_iso = ARGV[p + 6], pe_iso = ARGV[p + 7],
-    bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]), flags = ARGV[p + 10], key = KEYS[3 + 2 * i],
-    xkey = KEYS[4 + 2 * i], tiers = {}, froms = {}, tat = {}, charge = 0, tp = p + 11}
+    ps = num(ARGV[p + 4]), pe = num(ARGV[p + 5]), bi = num(ARGV[p + 8]), nt = num(ARGV[p + 9]),
+    flags = flags, key = KEYS[3 + 2 * i], xkey = KEYS[4 + 2 * i], tiers = {}, froms = {},
+    tat = tat, charge = 0, tp = p + 11, crd = 0, w = false, xn = 0, base_flags = base_flags,
+    base_set = base_set, tats = tats, v = 0, pend = 0, lvl = 0, stored_lvl = false, ovg = 0,
+    susp = false, stored_ps = 0, d = 0, ovg_added = false, charged = false}
   if not a.amount then return bad('amount', 'not a safe integer for ' .. a.metric) end
   if not a.ps or not a.pe or not a.bi or not a.nt or a.nt < 1 or a.bi < 0 or a.bi > m
-    or not KINDS[a.kind] or not MODES[a.mode] or #a.flags ~= a.nt
+    or not is_kind(a.kind) or not is_mode(a.mode) or #a.flags ~= a.nt
     or string.find(a.flags, '[^-brx]') then
     return bad('asset', 'malformed arguments for ' .. a.metric)
   end
@@ -158,15 +181,16 @@ for i = 1, n do
   p = a.tp
   local froms = a.froms
   for k = 1, a.nt do
-    local from = num(ARGV[p + 9 * (k - 1)])
-    if not from or (k > 1 and from <= froms[k - 1]) then
+    local from = tonumber(ARGV[p + k - 1])
+    if not from or from % 1 ~= 0 or from > MAX_SAFE or from < -MAX_SAFE
+      or (k > 1 and from <= froms[k - 1]) then
       return bad('tier', 'malformed tier ' .. k .. ' for ' .. a.metric)
     end
     froms[k] = from
   end
   local err = parse_tier(a, 1)
   if err then return err end
-  p = p + 9 * a.nt
+  p = p + 2 * a.nt
   assets[i] = a
 end
 local want = 0
@@ -277,21 +301,27 @@ end
 -- Nothing is written until every tier the admission can reach has been parsed.
 for i = 1, n do
   local a = assets[i]
-  -- One read of the whole state: the fixed fields, then the base flag and throttle of the tiers
-  -- that have them (their flags say which).
-  local fields = {'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'last', 'peak', 'xn', 'crd'}
-  local stateful = string.find(a.flags, '[brx]')
-  if stateful then
-    for k = 1, a.nt do
-      fields[#fields + 1] = 'base' .. k
-      fields[#fields + 1] = 'tat' .. k
+  -- One read of the whole state: the fields every kind keeps, `last` and `peak` for the kinds
+  -- that keep them (TotalCounter, Gauge), then the base flag and throttle of the tiers that have
+  -- them (their flags say which).
+  local stateful = a.tat ~= NONE
+  local kept = a.kind == 'T' or a.kind == 'G'
+  local h
+  if not stateful and not kept then
+    h = redis.call('HMGET', a.key, 'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'xn', 'crd')
+  else
+    local fields = {'ps', 'v', 'pend', 'lvl', 'ovg', 'susp', 'xn', 'crd', 'last', 'peak'}
+    if stateful then
+      for k = 1, a.nt do
+        fields[#fields + 1] = 'base' .. k
+        fields[#fields + 1] = 'tat' .. k
+      end
     end
+    h = redis.call('HMGET', a.key, unpack(fields))
   end
-  local h = redis.call('HMGET', a.key, unpack(fields))
-  a.crd = tonumber(h[10] or '0') -- credits charged in the period, for period.closed
+  a.crd = tonumber(h[8] or '0') -- credits charged in the period, for period.closed
   a.w = {}
-  a.xn = tonumber(h[9] or '0')
-  a.base_flags, a.base_set, a.tats = {}, {}, {}
+  a.xn = tonumber(h[7] or '0')
   if stateful then
     for k = 1, a.nt do
       a.base_flags[k] = tonumber(h[9 + 2 * k] or '-1')
@@ -303,7 +333,8 @@ for i = 1, n do
   a.stored_lvl = tonumber(h[4])
   if a.stored_lvl then a.lvl = a.stored_lvl end
   a.ovg, a.susp = tonumber(h[5] or '0'), h[6] == '1'
-  a.last, a.peak = tonumber(h[7] or '0'), tonumber(h[8] or '0')
+  -- (a CumulativeCounter or UpDownCounter never uses them)
+  if kept then a.last, a.peak = tonumber(h[9] or '0'), tonumber(h[10] or '0') end
   -- `xn` counts the open holds and leases, so an asset without any skips the expiry scan.
   if a.xn > 0 then
     local due = redis.call('ZRANGEBYSCORE', a.xkey, '-inf', now)
@@ -432,7 +463,6 @@ for i = 1, n do
   local a = assets[i]
   local mode, kind = a.mode, a.kind
   local is_fact = mode == 's' or mode == 'x' or (mode == 'r' and (kind == 'T' or kind == 'G'))
-  a.facts = is_fact
   if not is_fact then facts = false end
   -- the recorded delta (d), and the span checked against the tiers (before -> after)
   local d, before, after = 0, a.v + a.pend, a.v + a.pend
@@ -502,8 +532,13 @@ local function level_event(a, new_v)
   local k = tier_of(a, new_v)
   local lvl = a.tiers[k].level
   if lvl ~= a.lvl then
+    local POLICIES = {N = 'NotifyOnly', O = 'AllowWithOverage', G = 'AllowWithGrace',
+      R = 'RateLimit', D = 'Deny', S = 'SuspendUsage'}
+    local LEVELS = {'Normal', 'Warning', 'Critical', 'OverUsage'}
     local ps, pe = {'period_start', 'null', 'r'}, {'period_end', 'null', 'r'}
-    if a.pe > 0 then ps, pe = {'period_start', a.ps_iso, 's'}, {'period_end', a.pe_iso, 's'} end
+    if a.pe > 0 then
+      ps, pe = {'period_start', ARGV[a.tp - 5], 's'}, {'period_end', ARGV[a.tp - 4], 's'}
+    end
     emit(outbox, cust_key, customer, now, 'quota.level_changed', {
       {'metric', a.metric, 's'}, {'from_level', LEVELS[a.lvl + 1], 's'},
       {'to_level', LEVELS[lvl + 1], 's'}, {'policy', POLICIES[a.tiers[k].policy], 's'},
@@ -637,8 +672,21 @@ if status == '200' then
           redis.call('HSET', cust_key, 'lu:' .. b.name, ws)
         end
         b.ud, b.un = b.ud - b.charge, b.un + 1
-        redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held), 'uw', ws,
-          'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now), 'ua', fmt(b.amt), 'uh', fmt(b.held))
+        -- `held` and `uw` only when they change (stored `held` is b.held before this hold)
+        local amt, held = fmt(b.amt), fmt(b.held)
+        if b.hold > 0 and b.uw ~= ws then
+          redis.call('HSET', b.key, 'amt', amt, 'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now),
+            'ua', amt, 'uh', held, 'held', held, 'uw', ws)
+        elseif b.hold > 0 then
+          redis.call('HSET', b.key, 'amt', amt, 'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now),
+            'ua', amt, 'uh', held, 'held', held)
+        elseif b.uw ~= ws then
+          redis.call('HSET', b.key, 'amt', amt, 'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now),
+            'ua', amt, 'uh', held, 'uw', ws)
+        else
+          redis.call('HSET', b.key, 'amt', amt, 'ud', fmt(b.ud), 'un', fmt(b.un), 'ut', fmt(now),
+            'ua', amt, 'uh', held)
+        end
       else
         redis.call('HSET', b.key, 'amt', fmt(b.amt), 'held', fmt(b.held))
       end
@@ -708,33 +756,30 @@ if status == '200' and op_id ~= '' then
   remember(KEYS[1], fp, ttl, stored)
 end
 if status == '200' and attempt ~= '' and undo_key then
-  local rec = {'done', rid, fmt(uw_start), fmt(n)}
+  -- built with one format per asset and balance (names joined as they are, never formatted)
+  local rec = {'done\31' .. rid .. sformat('\31%d\31%d', uw_start, n)}
   for i = 1, n do
     local a = assets[i]
     local x = 0
     if a.mode == 'e' or (a.kind == 'U' and a.mode == 'a') then x = a.amount end
-    local bases = {}
-    for _, k in ipairs(a.base_set) do bases[#bases + 1] = fmt(k) end
+    local bases = ''
+    if #a.base_set > 0 then
+      local ks = {}
+      for _, k in ipairs(a.base_set) do ks[#ks + 1] = fmt(k) end
+      bases = table.concat(ks, ',')
+    end
     local d = a.d
     if a.kind == 'U' or a.kind == 'G' or d < 0 then d = 0 end
-    rec[#rec + 1] = a.metric
-    rec[#rec + 1] = a.kind
-    rec[#rec + 1] = a.mode
-    rec[#rec + 1] = fmt(a.ps)
-    rec[#rec + 1] = fmt(d)
-    rec[#rec + 1] = fmt(a.ovg_added or 0)
-    rec[#rec + 1] = fmt(a.charged or 0)
-    rec[#rec + 1] = table.concat(bases, ',')
-    rec[#rec + 1] = fmt(x)
+    rec[i + 1] = a.metric .. '\31' .. a.kind .. '\31' .. a.mode
+      .. sformat('\31%d\31%d\31%d\31%d\31', a.ps, d, a.ovg_added or 0, a.charged or 0)
+      .. bases .. sformat('\31%d', x)
   end
-  rec[#rec + 1] = fmt(m)
+  rec[n + 2] = fmt(m)
   for j = 1, m do
     local b = bal[j]
     local charge, hold = 0, 0
     if b.exists then charge, hold = b.charge, b.hold end
-    rec[#rec + 1] = b.name
-    rec[#rec + 1] = fmt(charge)
-    rec[#rec + 1] = fmt(hold)
+    rec[n + 2 + j] = b.name .. sformat('\31%d\31%d', charge, hold)
   end
   redis.call('SET', undo_key, table.concat(rec, '\31'), 'EX', ttl)
 end

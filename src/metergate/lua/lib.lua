@@ -19,15 +19,16 @@ end
 -- The cheaper check for the arguments the gateway builds from its validated config (tiers,
 -- periods): still no NaN, infinity, fraction or unsafe magnitude, without a pattern match per
 -- argument (which cost a third of an admission). Amounts always go through `int`.
-local floor = math.floor
+-- (`n % 1` is NaN for NaN and the infinities, and 0 only for whole numbers.)
 local function num(s)
   local n = tonumber(s)
-  if n == nil or n ~= n or n > MAX_SAFE or n < -MAX_SAFE or floor(n) ~= n then return nil end
+  if n == nil or n % 1 ~= 0 or n > MAX_SAFE or n < -MAX_SAFE then return nil end
   return n
 end
 
+local sformat = string.format
 local function fmt(n)
-  return string.format('%d', n)
+  return sformat('%d', n)
 end
 
 -- A name inside a stable event id (`usage:`, `period:`), escaped as keys escape it (core/names.py
