@@ -402,8 +402,8 @@ class MeteringMiddleware:
 
     async def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
-        if not planned.estimates and not operation:
-            # fixed amounts: from this process's allowance when allowances are on
+        if not planned.estimates and not operation and not planned.idempotency_key:
+            # fixed amounts, no Idempotency-Key: from this process's allowance when allowances are on
             return await self.meter.admit_request(
                 planned.customer,
                 planned.amounts,

@@ -487,8 +487,8 @@ class WSGIMeteringMiddleware:
 
     def _admit(self, planned: Admission, attempt: str, operation: str) -> Decision:
         route = planned.route
-        if not planned.estimates and not operation:
-            # fixed amounts: from this process's allowance when allowances are on
+        if not planned.estimates and not operation and not planned.idempotency_key:
+            # fixed amounts, no Idempotency-Key: from this process's allowance when allowances are on
             return self.meter.admit_request(
                 planned.customer,
                 planned.amounts,
