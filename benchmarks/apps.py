@@ -133,7 +133,7 @@ def flask_allowances() -> Any:
 
 
 def proxy_metergate() -> Any:
-    """metergate.create_app: the shipped metered reverse proxy (httpx.AsyncClient)."""
+    """metergate.create_app: the shipped metered reverse proxy (metergate.upstream's pool)."""
     from metergate import create_app
 
     return create_app(_proxy_config())
@@ -165,7 +165,7 @@ def _bare_proxy(kind: str) -> Callable[[], Any]:
 
 
 def proxy_metergate_unmetered() -> Any:
-    """The shipped ProxyApp (httpx.AsyncClient) without the metering middleware."""
+    """The shipped ProxyApp (metergate.upstream's pool) without the metering middleware."""
     from metergate import parse_config
     from metergate.proxy import ProxyApp
 

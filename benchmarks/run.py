@@ -38,7 +38,7 @@ LOOPS = ("uvloop", "asyncio")
 # proxies.py also has HttpxTransportProxy (httpx without the Client layer); it measured like
 # httpcore, the engine under it, and is left out to keep the full run under 10 minutes.
 PROXY_CLIENTS = {
-    "proxy-metergate": ("proxy_metergate", "metergate.create_app (aiohttp, as shipped)"),
+    "proxy-metergate": ("proxy_metergate", "metergate.create_app (metergate.upstream, as shipped)"),
     "proxy-httpx-client": ("proxy_httpx_client", "httpx.AsyncClient tuned"),
     "proxy-httpcore": ("proxy_httpcore", "httpcore AsyncConnectionPool"),
     "proxy-aiohttp": ("proxy_aiohttp", "aiohttp ClientSession"),
