@@ -242,7 +242,8 @@ class Response(asyncio.Protocol):
         self.pool._release(self)
 
     def close(self) -> None:
-        """Drop the connection."""
+        """Drop the connection (a response not read whole yet ends in an error, not short)."""
+        self.fail(UpstreamError("the upstream connection was closed"))
         if self.transport is not None:
             self.transport.close()
         self._forget()

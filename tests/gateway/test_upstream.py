@@ -451,3 +451,87 @@ def test_an_early_answer_ends_the_upload() -> None:
             assert pool.open == 0
 
     asyncio.run(check())
+
+
+def test_closing_a_close_delimited_response_is_not_its_end() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nmore")
+        await reader.read()
+
+    async def check() -> None:
+        async with Scripted(endless) as server:
+            pool = pool_for(server)
+            response = await pool.request(b"GET", b"/", [])
+            assert await response.read() == (b"more", True)
+            response.close()
+            await asyncio.sleep(0.05)
+            with pytest.raises(UpstreamError):
+                await response.read()
+            assert not response.complete
+
+    asyncio.run(check())
+
+
+def proxy_messages(port: int, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one request through ProxyApp (no metering) in front of 127.0.0.1:port."""
+    from metergate import parse_config
+    from metergate.proxy import ProxyApp
+
+    app = ProxyApp(parse_config({"proxy": {"upstream": f"http://127.0.0.1:{port}"}}))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    base = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/t",
+        "raw_path": b"/t",
+        "query_string": b"",
+        "headers": [(b"host", b"gw")],
+        "client": ("127.0.0.1", 5000),
+    }
+
+    async def run() -> None:
+        await app({**base, **scope}, receive, send)
+        await app.aclose()
+
+    asyncio.run(run())
+    return sent
+
+
+TRAILED = (
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: x\r\nx-kept: 1\r\n\r\n"
+    b"2\r\nhi\r\n0\r\nx-usage-tokens: 12\r\n\r\n"
+)
+
+
+def test_the_proxy_forwards_trailers_when_its_server_can_send_them() -> None:
+    async def serve(body: Callable[[int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        server = Scripted(lambda r, w, i: asyncio.sleep(0))
+        server.handler = answering(TRAILED)(server)
+        async with server:
+            return await asyncio.to_thread(body, server.port)
+
+    with_ext = asyncio.run(
+        serve(lambda port: proxy_messages(port, {"extensions": {"http.response.trailers": {}}}))
+    )
+    start, *bodies, trailers = with_ext
+    assert start["trailers"] is True
+    assert start["headers"] == [(b"x-kept", b"1")]  # no Transfer-Encoding, no Date
+    assert b"".join(m["body"] for m in bodies) == b"hi" and not bodies[-1]["more_body"]
+    assert trailers == {
+        "type": "http.response.trailers",
+        "headers": [(b"x-usage-tokens", b"12")],
+        "more_trailers": False,
+    }
+    without = asyncio.run(serve(lambda port: proxy_messages(port, {})))
+    assert "trailers" not in without[0]
+    assert [m["type"] for m in without[1:]] == ["http.response.body"] * (len(without) - 1)
