@@ -139,6 +139,15 @@ def proxy_metergate() -> Any:
     return create_app(_proxy_config())
 
 
+def proxy_allowances() -> Any:
+    """The shipped metered reverse proxy with local allowances."""
+    from metergate import create_app
+
+    config = _proxy_config()
+    config["allowances"] = {"enabled": True}
+    return create_app(config)
+
+
 def _metered_proxy(kind: str) -> Callable[[], Any]:
     def factory() -> Any:
         import proxies
