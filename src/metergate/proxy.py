@@ -209,11 +209,6 @@ class ProxyApp:
         except BadPath as exc:
             await send_answer(send, bad_request(exc))
             return
-        ambiguous = framing_problem(scope.get("http_version", "1.1"), scope["headers"])
-        if ambiguous is not None:
-            # `metergate serve` refuses these before any app runs; other servers get this.
-            await send_answer(send, _closing(problem("bad-request", 400, ambiguous)))
-            return
         lengths = set()
         chunked = False
         for k, v in scope["headers"]:
@@ -222,6 +217,12 @@ class ProxyApp:
                 lengths.add(v.strip())
             elif key == b"transfer-encoding":
                 chunked = True
+        if chunked:  # framing is ambiguous only with Transfer-Encoding
+            ambiguous = framing_problem(scope.get("http_version", "1.1"), scope["headers"])
+            if ambiguous is not None:
+                # `metergate serve` refuses these before any app runs; other servers get this.
+                await send_answer(send, _closing(problem("bad-request", 400, ambiguous)))
+                return
         length: int | None = None
         if lengths:
             value = lengths.pop()

@@ -37,6 +37,8 @@ __all__ = ["Response", "UpstreamError", "UpstreamPool", "UpstreamTimeout"]
 
 HIGH_WATER = 256 * 1024
 """Bytes of response body buffered before reading from the upstream pauses."""
+MAX_HEAD_BYTES = 64 * 1024
+"""The most bytes of field names and values a response head (or its trailers) may carry."""
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 Headers = list[tuple[bytes, bytes]]
 
@@ -70,6 +72,7 @@ class Response(asyncio.Protocol):
         self.status = 0
         self.headers: Headers = []
         self.trailers: Headers = []
+        self.head_bytes = 0
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.headers_done = False
@@ -133,6 +136,9 @@ class Response(asyncio.Protocol):
             raise UpstreamError("a second response to one request")  # stops the parser
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise UpstreamError("the upstream's response head is too large")
         if self.headers_done:
             self.trailers.append((name, value))
         else:
@@ -144,10 +150,12 @@ class Response(asyncio.Protocol):
             if status == 101:
                 raise UpstreamError("the upstream switched protocols unasked")
             self.headers = []  # an interim response: the real one follows
+            self.head_bytes = 0
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive() and not self.head
         self.headers_done = True
+        self.head_bytes = 0  # trailers count on their own
         if self.head:
             self.complete = True
         elif status not in (204, 304):

@@ -211,6 +211,7 @@ def test_interim_responses_are_skipped() -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nbad header\r\n\r\nhello",
         b"nonsense\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"a" * 70_000 + b"\r\ncontent-length: 0\r\n\r\n",
     ],
 )
 def test_ambiguous_or_broken_responses_are_errors(answer: bytes) -> None:
