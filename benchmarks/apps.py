@@ -155,10 +155,19 @@ def flask_allowances() -> Any:
 
 
 def proxy_metergate() -> Any:
-    """metergate.create_app: the shipped metered reverse proxy (httpx.AsyncClient)."""
+    """metergate.create_app: the shipped metered reverse proxy (metergate.upstream's pool)."""
     from metergate import create_app
 
     return create_app(_proxy_config())
+
+
+def proxy_allowances() -> Any:
+    """The shipped metered reverse proxy with local allowances."""
+    from metergate import create_app
+
+    config = _proxy_config()
+    config["allowances"] = {"enabled": True}
+    return create_app(config)
 
 
 def _metered_proxy(kind: str) -> Callable[[], Any]:
@@ -187,7 +196,7 @@ def _bare_proxy(kind: str) -> Callable[[], Any]:
 
 
 def proxy_metergate_unmetered() -> Any:
-    """The shipped ProxyApp (httpx.AsyncClient) without the metering middleware."""
+    """The shipped ProxyApp (metergate.upstream's pool) without the metering middleware."""
     from metergate import parse_config
     from metergate.proxy import ProxyApp
 

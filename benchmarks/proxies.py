@@ -48,7 +48,7 @@ class _CandidateProxy(ProxyApp):
 
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__(config)
-        # the shipped proxy keeps only its origin (it speaks aiohttp); the candidates want a URL
+        # the candidates want a URL; the shipped proxy keeps a pool to host and port
         self.upstream = httpx.URL(config.proxy.upstream)
         self.host = self.upstream.host
         self.port = self.upstream.port or 80

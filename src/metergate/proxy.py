@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Callable
-
-import aiohttp
-import yarl
+from urllib.parse import urlsplit
 
 from metergate.asgi import MeteringMiddleware, Receive, Scope, Send
 from metergate.config import GatewayConfig
@@ -21,6 +20,7 @@ from metergate.core.http import GATEWAY_ANSWER, Answer, problem
 from metergate.core.paths import BadPath, bad_request, normal_scope
 from metergate.fairness import CustomerSlots
 from metergate.meter import AsyncMeter, ConfigSource, as_config
+from metergate.upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 __all__ = ["ProxyApp", "create_app"]
 
@@ -37,6 +37,9 @@ HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
+_HOP_BY_HOP = frozenset(name.encode("latin-1") for name in HOP_BY_HOP)
+_NOT_RETURNED = _HOP_BY_HOP | {b"date"}  # RFC 9110 6.6.1: one Date; the answering server's
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 
 async def send_answer(send: Send, answer: Answer) -> None:
@@ -85,58 +88,89 @@ class BodyTimeout(Exception):
     """The next chunk of the request body did not come within `proxy.body_timeout_s`."""
 
 
-def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    named = set(HOP_BY_HOP)
+def _connection_named(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """The field names listed in the Connection fields of `headers` (lowercased)."""
+    named: set[bytes] = set()
     for k, v in headers:
         if k.lower() == b"connection":
-            named |= {t.strip().lower() for t in v.decode("latin-1").split(",") if t.strip()}
-    return [(k, v) for k, v in headers if k.decode("latin-1").lower() not in named]
+            named.update(t.strip().lower() for t in v.split(b","))
+    named.discard(b"")
+    return named
+
+
+def _strip_hop_by_hop(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = _HOP_BY_HOP
+) -> list[tuple[bytes, bytes]]:
+    """`headers` without hop-by-hop fields, those named in Connection, and `drop`."""
+    named = _connection_named(headers)
+    gone = drop | named if named else drop
+    return [(k, v) for k, v in headers if k.lower() not in gone]
 
 
 class ProxyApp:
     """Forward each request to the upstream and stream the response back."""
 
-    def __init__(self, config: GatewayConfig, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None) -> None:
         self.config = config
         proxy = config.proxy
-        upstream = yarl.URL(proxy.upstream)
-        self.origin = str(upstream.origin())
+        upstream = urlsplit(proxy.upstream)
         self.timeout_s = float(proxy.timeout_s)
         self.body_timeout_s = float(proxy.body_timeout_s)
         self.max_connections = proxy.max_connections
         self.slots = CustomerSlots(proxy.max_connections_per_customer)
-        self.session = session
-        self._loop: asyncio.AbstractEventLoop | None = None
+        tls = ssl.create_default_context() if upstream.scheme == "https" else None
+        self.pool = pool or UpstreamPool(
+            upstream.hostname or "127.0.0.1",
+            upstream.port or (443 if tls is not None else 80),
+            max_connections=proxy.max_connections,
+            connect_timeout_s=self.timeout_s,
+            read_timeout_s=self.timeout_s,
+            write_timeout_s=self.timeout_s,
+            tls=tls,
+        )
         self.max_body = proxy.max_body_bytes
         self.identity_header = config.identity.header.lower().encode("latin-1")
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in proxy.trusted_proxies]
+        self._trust: dict[str, bool] = {}
 
     def _trusted(self, peer: str | None) -> bool:
-        if not peer:
+        if not peer or not self.trusted:
             return False
+        known = self._trust.get(peer)
+        if known is not None:
+            return known
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
-            return False
-        return any(address in net for net in self.trusted)
+            trusted = False
+        else:
+            trusted = any(address in net for net in self.trusted)
+        if len(self._trust) >= 4096:
+            self._trust.clear()
+        self._trust[peer] = trusted
+        return trusted
 
     def _request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         client = scope.get("client")
         peer = client[0] if client else ""
         trusted = self._trusted(peer)
-        incoming = _strip_hop_by_hop(list(scope["headers"]))
+        incoming: list[tuple[bytes, bytes]] = scope["headers"]
+        named = _connection_named(incoming)
+        drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
         out: list[tuple[bytes, bytes]] = []
         forwarded: dict[bytes, bytes] = {}
         host = b""
+        identity = self.identity_header
         for k, v in incoming:
             key = k.lower()
-            if key == self.identity_header or key == b"host" or key == b"content-length":
-                if key == b"host":
-                    host = v
+            if key in drop or key == identity or key == b"content-length":
+                continue
+            if key == b"host":
+                host = v
                 continue
             if key in SPOOFABLE and not trusted:
                 continue
-            if key in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
+            if key in _FORWARDED:
                 if trusted:
                     forwarded[key] = forwarded[key] + b", " + v if key in forwarded else v
                 continue
@@ -151,32 +185,18 @@ class ProxyApp:
             out.append((b"x-forwarded-host", forwarded.get(b"x-forwarded-host", host)))
         return out
 
-    def _url(self, scope: Scope) -> yarl.URL:
+    @staticmethod
+    def _target(scope: Scope) -> bytes:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(b"/"):
             raw_path = b"/" + raw_path
         query: bytes = scope.get("query_string", b"")
-        target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
-        # The origin is fixed text before the path: `//evil/x` or `/http://evil` stay paths.
-        return yarl.URL(self.origin + target, encoded=True)
+        # The origin is fixed: `//evil/x` or `/http://evil` stay paths of the request line.
+        return raw_path + b"?" + query if query else raw_path
 
-    def _session(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        if self.session is None or self.session.closed or self._loop is not loop:
-            self._loop = loop
-            self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
-                # `connect` covers the wait for a pooled connection too: 504 after timeout_s.
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=self.timeout_s,
-                    sock_connect=self.timeout_s,
-                    sock_read=self.timeout_s,
-                ),
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self.session
+    async def aclose(self) -> None:
+        """Close the idle upstream connections."""
+        await self.pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -189,16 +209,31 @@ class ProxyApp:
         except BadPath as exc:
             await send_answer(send, bad_request(exc))
             return
-        ambiguous = framing_problem(scope.get("http_version", "1.1"), scope["headers"])
-        if ambiguous is not None:
-            # `metergate serve` refuses these before any app runs; other servers get this.
-            await send_answer(send, _closing(problem("bad-request", 400, ambiguous)))
-            return
-        headers = dict((k.lower(), v) for k, v in scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await send_answer(send, _too_large(self.max_body))
-            return
+        lengths = set()
+        chunked = False
+        for k, v in scope["headers"]:
+            key = k.lower()
+            if key == b"content-length":
+                lengths.add(v.strip())
+            elif key == b"transfer-encoding":
+                chunked = True
+        if chunked:  # framing is ambiguous only with Transfer-Encoding
+            ambiguous = framing_problem(scope.get("http_version", "1.1"), scope["headers"])
+            if ambiguous is not None:
+                # `metergate serve` refuses these before any app runs; other servers get this.
+                await send_answer(send, _closing(problem("bad-request", 400, ambiguous)))
+                return
+        length: int | None = None
+        if lengths:
+            value = lengths.pop()
+            if lengths or not value.isdigit():
+                detail = "the request has an invalid Content-Length"
+                await send_answer(send, _closing(problem("bad-request", 400, detail)))
+                return
+            length = int(value)
+            if length > self.max_body:
+                await send_answer(send, _too_large(self.max_body))
+                return
         client = scope.get("client")
         who = scope.get(CUSTOMER) or f"peer:{client[0] if client else ''}"
         loop = asyncio.get_running_loop()
@@ -208,64 +243,49 @@ class ProxyApp:
             return
         try:
             left = max(0.001, self.timeout_s - (loop.time() - started))
-            await self._exchange(scope, receive, send, headers, length, left)
+            await self._exchange(scope, receive, send, length, chunked, left)
         finally:
             self.slots.release(who)
+
+    async def _body(self, receive: Receive) -> AsyncIterator[bytes]:
+        """The request body as it streams in, within the size limit and the chunk deadline."""
+        seen = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_body:
+                raise BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
 
     async def _exchange(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: dict[bytes, bytes],
-        length: bytes | None,
+        length: int | None,
+        chunked: bool,
         connect_s: float,
     ) -> None:
         """Forward one request and stream the answer back, within `connect_s` to connect."""
-
-        body_read = False
-
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal body_read
-            seen = 0
-            while True:
-                try:
-                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
-                except TimeoutError:
-                    raise BodyTimeout from None
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                if seen > self.max_body:
-                    raise BodyTooLarge
-                if chunk:
-                    yield chunk
-                if not message.get("more_body", False):
-                    body_read = True
-                    return
-
-        out_headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in self._request_headers(scope)
-        ]
-        if length is not None:
-            out_headers.append(("Content-Length", length.decode("latin-1")))
-        has_body = length not in (None, b"0") or b"transfer-encoding" in headers
+        has_body = chunked or bool(length)
         try:
-            response = await self._session().request(
-                scope["method"],
-                self._url(scope),
-                headers=out_headers,
-                data=body() if has_body else None,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-                allow_redirects=False,
-                compress=None,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=connect_s,
-                    sock_connect=self.timeout_s,
-                    sock_read=self.timeout_s,
-                ),
+            response = await self.pool.request(
+                scope["method"].encode("latin-1"),
+                self._target(scope),
+                self._request_headers(scope),
+                self._body(receive) if has_body else None,
+                content_length=length,
+                timeout_s=connect_s,
             )
         except BodyTooLarge:
             await send_answer(send, _too_large(self.max_body))
@@ -275,53 +295,45 @@ class ProxyApp:
             return
         except ClientGone:
             return
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except UpstreamTimeout:
             await send_answer(send, _timed_out())
             return
-        except aiohttp.ClientError as exc:
-            if isinstance(exc.__cause__, BodyTooLarge) or "BodyTooLarge" in repr(exc):
-                await send_answer(send, _too_large(self.max_body))
-                return
-            if isinstance(exc.__cause__, BodyTimeout) or "BodyTimeout" in repr(exc):
-                await send_answer(send, _body_timeout(self.body_timeout_s))
-                return
-            detail = f"the upstream is unreachable ({type(exc).__name__})"
-            await send_answer(send, problem("bad-gateway", 502, detail))
+        except UpstreamError as exc:
+            await send_answer(send, problem("bad-gateway", 502, f"the upstream failed ({exc})"))
             return
         watcher = None
-        if body_read or not has_body:
+        if not response.complete and (response.sent_whole or not has_body):
             # Only a disconnect can arrive now: on one, stop reading the upstream (an LLM server
             # stops generating when its client goes) instead of streaming to nobody.
             watcher = asyncio.ensure_future(_close_on_disconnect(receive, response))
+        trailers = response.chunked and "http.response.trailers" in scope.get("extensions", {})
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status,
-                    # RFC 9110 6.6.1: one Date; the server that answers adds its own
-                    "headers": [
-                        (k, v)
-                        for k, v in _strip_hop_by_hop(list(response.raw_headers))
-                        if k.lower() != b"date"
-                    ],
-                }
-            )
-            # With a Content-Length, the chunk that completes it is the last message: the
-            # metering around settles before it leaves, so a client that has read the whole
-            # response finds it settled.
-            size, sent, ended = response.content_length, 0, False
-            async for chunk in response.content.iter_any():
-                sent += len(chunk)
-                ended = size is not None and sent >= size
-                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-                if ended:
-                    break
-            if not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            start: dict[str, object] = {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": _strip_hop_by_hop(response.headers, _NOT_RETURNED),
+            }
+            if trailers:
+                start["trailers"] = True
+            await send(start)
+            # The chunk that completes the body goes out with `more_body: False`: the metering
+            # around settles before it leaves, so a client that has read it all finds it settled.
+            more = True
+            while more:
+                data, more = await response.read()
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+            if trailers:
+                await send(
+                    {
+                        "type": "http.response.trailers",
+                        "headers": _strip_hop_by_hop(response.trailers),
+                        "more_trailers": False,
+                    }
+                )
+        except (UpstreamError, OSError):
             # The upstream or the client went away mid-body: nothing more can be said on this
             # response; the metering middleware settles in its finally block.
-            pass
+            response.close()
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -333,13 +345,12 @@ class ProxyApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.session is not None:
-                    await self.session.close()
+                await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
 
-async def _close_on_disconnect(receive: Receive, response: aiohttp.ClientResponse) -> None:
+async def _close_on_disconnect(receive: Receive, response: Response) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     response.close()
@@ -372,8 +383,8 @@ def create_app(
     *,
     meter: AsyncMeter | None = None,
     clock: Callable[[], float] | None = None,
-    session: aiohttp.ClientSession | None = None,
+    pool: UpstreamPool | None = None,
 ) -> MeteringMiddleware:
     """Return the metered reverse proxy as an ASGI app."""
     cfg = as_config(config)
-    return MeteringMiddleware(ProxyApp(cfg, session), cfg, meter=meter, clock=clock)
+    return MeteringMiddleware(ProxyApp(cfg, pool), cfg, meter=meter, clock=clock)

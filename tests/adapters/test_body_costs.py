@@ -154,8 +154,7 @@ def llm_wsgi(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
 
 
 async def _close_session(proxy: Any) -> None:
-    if proxy.session is not None:
-        await proxy.session.close()
+    await proxy.aclose()
 
 
 @dataclass

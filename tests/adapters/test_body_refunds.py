@@ -141,8 +141,7 @@ class Books:
 
 
 async def _close_session(proxy: Any) -> None:
-    if proxy.session is not None:
-        await proxy.session.close()
+    await proxy.aclose()
 
 
 @pytest.fixture
