@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,6 +29,7 @@ from metergate.config import (
     GatewayConfig,
     hash_api_key,
 )
+from metergate.core import wire
 from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.ids import new_ulid
 from metergate.core.keys import Keys
@@ -776,22 +778,24 @@ class MeterCore:
             keys.append(self.keys.operation(customer, "u:" + attempt) if attempt else keys[0])
             args += shape.window[2]
             args.append(attempt)
-            reply = yield Script("admit", tuple(keys), tuple(args))
-            if reply[0] == "stale":
-                self._entitlements.pop(customer, None)
-                continue
-            if reply[0] == "void":  # this attempt was refunded before it arrived
-                return Decision(False, 503, "metering-unavailable", customer)
-            if reply[0] == "dup":
+            reply = wire.decode_admit((yield Script("admit", tuple(keys), tuple(args))))
+            if isinstance(reply, tuple):
+                kind, detail = reply
+                if kind == "stale":
+                    self._entitlements.pop(customer, None)
+                    continue
+                if kind == "void":  # this attempt was refunded before it arrived
+                    return Decision(False, 503, "metering-unavailable", customer)
                 # this attempt was already applied (its reply was lost): its ticket settles it
-                rid = str(reply[1]) if len(reply) > 1 and reply[1] else hold_id
-                done = Ticket(customer, plan_name or ent.plan, rid, {}, {}, attempt=attempt)
+                done = Ticket(
+                    customer, plan_name or ent.plan, detail or hold_id, {}, {}, attempt=attempt
+                )
                 return Decision(True, 200, None, customer, detail=ALREADY_APPLIED, ticket=done)
             if grant:
                 return _granted(
                     customer, ent.plan, hold_id, ops, assets, windows, balances, reply, now_s
                 )
-            if reply[0] == "402" and _empty_balance(reply, len(assets), len(balances)):
+            if reply.status == "402" and reply.empty_balance:
                 # 402 for a balance that may be missing: only when its slot kept its data
                 yield from self.require_data(self.sentinel(self.keys.partition(customer)))
             ticket = None
@@ -834,14 +838,15 @@ class MeterCore:
             ),
             (str(int(now_s * 1000)), customer, "read", metric, asset.kind, ""),
         )
-        stored_ps, value, pending, level, overage = (int(x) for x in reply[:5])
+        read = wire.decode_asset_read(reply)
+        value, level, overage = read.value, read.level, read.overage
         window = None
         if asset.period:
             ps, pe, _ = ent.window(asset.period, now_s)
             window = (ps, pe)
-            if asset.kind in "CT" and stored_ps < ps * 1000:
+            if asset.kind in "CT" and read.period_start_ms < ps * 1000:
                 value, level, overage = 0, 0, 0
-        return _usage(asset, value, pending, level, overage, reply[5] == "1", window, -1)
+        return _usage(asset, value, read.pending, level, overage, read.suspended, window, -1)
 
     def suspend_asset(
         self, customer: str, metric: str, *, resume: bool = False
@@ -1080,15 +1085,16 @@ class MeterCore:
                 "idempotency-conflict": "this idempotency key was used with different parameters",
             }
             raise Conflict(slug, messages.get(slug, slug))
+        read = wire.decode_balance(reply)
         state = BalanceState(
             name=name,
-            amount=int(reply[2]),
-            held=int(reply[3]),
-            available=int(reply[4]),
-            overage=int(reply[5]),
-            unit=reply[7],
-            suspended=reply[6] == "1",
-            low_at=int(reply[8]) if reply[8] else None,
+            amount=read.amount,
+            held=read.held,
+            available=read.available,
+            overage=read.overage,
+            unit=read.unit,
+            suspended=read.suspended,
+            low_at=read.low_at,
         )
         if status != "200":
             raise Conflict(slug, _PROBLEM_DETAIL.get(slug, slug), status=int(status), state=state)
@@ -1143,27 +1149,19 @@ def _granted(
     assets: list[CompiledAsset],
     windows: list[tuple[int, int] | None],
     balances: list[str],
-    reply: list[str | int],
+    reply: wire.AdmitReply,
     now_s: float,
 ) -> Decision:
-    """Decode a grant's reply: the admission's, with the requests granted in retry-after's place."""
-    if reply[0] != "200":
-        return Decision(False, 0, str(reply[1]) or "none", customer)
-    requests = int(reply[2])
-    reply = [reply[0], reply[1], -1, *reply[3:]]
+    """A grant's decision: the admission's, with the requests granted in retry-after's place and
+    each balance's credits held by the grant in the place of its total held."""
+    if reply.status != "200":
+        return Decision(False, 0, reply.slug or "none", customer)
+    requests = reply.retry_ms
     estimated = {m: requests * per for m, (_mode, per) in ops.items()}
-    base = 5 + 7 * len(assets)
-    held = {name: int(reply[base + 3 + 3 * j]) for j, name in enumerate(balances)}
+    held = {name: b.held for name, b in zip(balances, reply.balances, strict=True)}
     ticket = Ticket(customer, plan, hold_id, estimated, {}, requests=requests, held=held)
-    return _decision(customer, assets, windows, balances, reply, now_s, ticket)
-
-
-def _empty_balance(reply: list[str | int], n: int, m: int) -> bool:
-    """Whether an admission reply shows a balance with nothing in it (amount 0, nothing held)."""
-    base = 5 + 7 * n
-    return any(
-        int(reply[base + 2 + 3 * j]) == 0 and int(reply[base + 3 + 3 * j]) == 0 for j in range(m)
-    )
+    admitted = dataclasses.replace(reply, retry_ms=-1)
+    return _decision(customer, assets, windows, balances, admitted, now_s, ticket)
 
 
 def _usage(
@@ -1205,27 +1203,30 @@ def _decision(
     assets: list[CompiledAsset],
     windows: list[tuple[int, int] | None],
     balances: list[str],
-    reply: list[str | int],
+    reply: wire.AdmitReply,
     now_s: float,
     ticket: Ticket | None,
 ) -> Decision:
-    status = int(reply[0])
-    slug = str(reply[1]) or None
+    status = int(reply.status)
+    slug = reply.slug or None
     if status == 409:
         return Decision(False, 409, slug, customer, detail=_PROBLEM_DETAIL[str(slug)])
-    retry_ms, refused = int(reply[2]), int(reply[3])
-    n = int(reply[4])
+    retry_ms, refused = reply.retry_ms, reply.refused
     usages: dict[str, AssetUsage] = {}
     top = 0
-    for i in range(n):
-        v, pend, lvl, _tier, ovg, thr, susp = reply[5 + 7 * i : 12 + 7 * i]
-        usage = _usage(
-            assets[i], int(v), int(pend), int(lvl), int(ovg), int(susp) == 1, windows[i], int(thr)
+    for asset, state, window in zip(assets, reply.assets, windows, strict=True):
+        usages[asset.metric] = _usage(
+            asset,
+            state.value,
+            state.pending,
+            state.level,
+            state.overage,
+            state.suspended,
+            window,
+            state.throttle,
         )
-        usages[assets[i].metric] = usage
-        top = max(top, int(lvl))
-    base = 5 + 7 * n
-    available = {name: int(reply[base + 1 + 3 * j]) for j, name in enumerate(balances)}
+        top = max(top, state.level)
+    available = {name: b.available for name, b in zip(balances, reply.balances, strict=True)}
     metric = assets[refused - 1].metric if refused else None
     refused_by = None
     if refused and slug == "quota-exceeded" and metric is not None:
