@@ -443,13 +443,13 @@ def test_admit_script_rejects_bad_amount_strings_and_writes_nothing(
     make_meter: MakeMeter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With Python's check bypassed, the admission script rejects bad amounts, writing nothing."""
-    import metergate.core.flows as flows
+    import metergate.core.admissions as admissions
 
     meter = make_meter(config())
     meter.balance("c", "credits")
     client = meter.storage.client
     before = snapshot(client)
-    monkeypatch.setattr(flows, "check_amount", lambda value, *_a, **_k: value)
+    monkeypatch.setattr(admissions, "check_amount", lambda value, *_a, **_k: value)
     for bad in ["5.5", "nan", "inf", "-1", "9007199254740992", "True", "1e3"]:
         with pytest.raises(InvalidAmount) as info:
             meter.admit("c", {"calls": bad})  # type: ignore[dict-item]

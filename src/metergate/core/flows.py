@@ -2,42 +2,48 @@
 
 `Meter` and `AsyncMeter` drive these flows with a three-line sync or async loop (the model is
 httpx's `Auth.auth_flow`), so the logic exists once and never touches a socket.
+
+`MeterCore` holds the state the flows share (config, keys, compiled plans, cached entitlements)
+and the start-up, customer and read flows; admissions live in `core/admissions.py`, balances and
+the ledger in `core/balances.py`, the calls and shared values in `core/calls.py`, the replies'
+layouts in `core/wire.py`. Their functions are bound as `MeterCore`'s methods.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import hashlib
 import itertools
 import json
 import logging
-import math
 import uuid
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from collections.abc import Callable
+from datetime import datetime
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from metergate.config import (
-    LEVELS,
-    MAX_SAFE_INT,
-    BalanceConfig,
     CustomerConfig,
     GatewayConfig,
     hash_api_key,
 )
-from metergate.core import wire
-from metergate.core.errors import Conflict, InvalidAmount, NotFound, StorageUnavailable
+from metergate.core import admissions, balances, wire
+from metergate.core.calls import (
+    ALREADY_APPLIED,
+    LOST_DATA,
+    Batch,
+    Command,
+    Entitlement,
+    Flow,
+    Script,
+    check_amount,
+)
+from metergate.core.errors import InvalidAmount, NotFound, StorageUnavailable
 from metergate.core.ids import new_ulid
 from metergate.core.keys import Keys
-from metergate.core.model import AssetUsage, BalanceState, Decision, Throttle, Ticket
+from metergate.core.model import AssetUsage
 from metergate.core.names import check_name
 from metergate.core.plans import CompiledAsset, compile_plans
 from metergate.core.revocations import Revocations
-from metergate.periods import period_window
 
 __all__ = [
     "ALREADY_APPLIED",
@@ -53,134 +59,8 @@ __all__ = [
 
 T = TypeVar("T")
 logger = logging.getLogger("metergate")
-
-LOST_DATA = "storage lost its data; restore it (AOF) before serving"
-
-
-@dataclass(frozen=True, slots=True)
-class Script:
-    """Run one of the Lua scripts with its keys and arguments."""
-
-    name: str
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """Run one plain Redis command (reads, and the writes outside any customer's slot)."""
-
-    args: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Run plain commands pipelined, without a transaction (on any slots); replies in order."""
-
-    commands: tuple[tuple[str, ...], ...]
-
-
-Flow = Generator[Script | Command | Batch, Any, T]
-
 _BOOT_FORMAT = 1  # the version of what a customer's start-up digest covers
 _CHUNK = 1000  # members or field pairs per command when a start writes many at once
-KEYED_OP_TTL_S = 86_400
-AUTO_OP_TTL_S = 600
-LEDGER_LIMIT = 10_000
-ALREADY_APPLIED = "this attempt was already applied"
-
-
-def check_amount(value: object, field: str, *, signed: bool = False, positive: bool = False) -> int:
-    """Return `value` if it is a safe integer (of the right sign); raise InvalidAmount otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidAmount(field, f"must be an integer, not {value!r}")
-    if abs(value) > MAX_SAFE_INT:
-        raise InvalidAmount(field, f"{value} is beyond the safe range of +/-(2^53 - 1)")
-    if not signed and value < 0:
-        raise InvalidAmount(field, f"must not be negative, got {value}")
-    if positive and value <= 0:
-        raise InvalidAmount(field, f"must be greater than 0, got {value}")
-    return value
-
-
-def _check_name(value: object, field: str) -> str:
-    # the one rule of names, shared with the config loader and the admin API
-    return check_name(value, field)
-
-
-def _iso(epoch_s: int) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(slots=True)
-class _Shape:
-    """What every admission of one set of metrics by one customer on one plan sends alike.
-
-    Built once per customer, plan and metric set, so an admission only formats what changes:
-    the time, the operation and hold ids, the period and the usage window.
-    """
-
-    assets: list[CompiledAsset]
-    balances: list[str]
-    head: tuple[str, ...]  # operation record (without an id), outbox, customer hash, ledger
-    asset_keys: tuple[str, ...]  # per asset: state hash, expiry zset; then per balance the same
-    asset_args: list[
-        tuple[tuple[str, str], tuple[str, ...]]
-    ]  # (metric, kind), (bi, nt, flags, tiers)
-    tail: tuple[str, ...]  # open usage windows, closing, holds index
-    partition: int
-    counts: tuple[str, ...]  # asset count, balance count, balance names
-    leases: frozenset[str]  # the UpDownCounter metrics, whose admissions take a lease
-    window: tuple[int, str, tuple[str, ...]] = (-1, "", ())  # usage window: start, key, args
-
-
-@dataclass(slots=True)
-class Entitlement:
-    """A customer's plan in effect, its period anchor and timezone, and the stored version."""
-
-    plan: str
-    anchor: datetime | None
-    timezone: str
-    version: str
-    windows: dict[str, tuple[int, int, tuple[str, ...]]] = field(default_factory=dict)
-    shapes: dict[tuple[str, tuple[str, ...]], _Shape] = field(default_factory=dict)
-
-    def window(self, period: str, now_s: float) -> tuple[int, int, tuple[str, ...]]:
-        """Return the start and end (epoch s) of the period containing `now_s`, and the script
-        arguments naming it: start and end in epoch ms, then in RFC 3339."""
-        cached = self.windows.get(period)
-        if cached is not None and cached[0] <= now_s < cached[1]:
-            return cached
-        start, end = period_window(period, now_s, anchor=self.anchor, timezone=self.timezone)  # type: ignore[arg-type]
-        args = (str(start * 1000), str(end * 1000), _iso(start), _iso(end))
-        window = (start, end, args)
-        self.windows[period] = window
-        return window
-
-
-def _encode_rid(customer: str, balance: str, nonce: str | None = None) -> str:
-    raw = json.dumps([customer, balance, nonce or uuid.uuid4().hex[:16]], separators=(",", ":"))
-    return "rsv_" + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_rid(rid: str) -> tuple[str, str]:
-    try:
-        body = rid.removeprefix("rsv_")
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        customer, balance, _ = json.loads(raw)
-        return str(customer), str(balance)
-    except (ValueError, binascii.Error, TypeError) as exc:
-        raise NotFound(f"reservation {rid!r} does not exist") from exc
-
-
-_PROBLEM_DETAIL = {
-    "asset-suspended": "usage of '{metric}' is suspended",
-    "quota-exceeded": "'{metric}' has reached its limit for this period",
-    "rate-limited": "'{metric}' is throttled; retry after the given delay",
-    "insufficient-credits": "the balance cannot cover the price of this request",
-    "balance-suspended": "the balance to charge is suspended",
-    "idempotency-conflict": "this idempotency key was used with different parameters",
-}
 
 
 class MeterCore:
@@ -294,7 +174,7 @@ class MeterCore:
         api_keys = self.sentinel(None) not in lost
         todo: list[tuple[str, CustomerConfig, str]] = []
         for cid, customer in self.config.customers.items():
-            _check_name(cid, "customer")
+            check_name(cid, "customer")
             if self.sentinel(self.keys.partition(cid)) not in lost:
                 todo.append((cid, customer, self.customer_digest(customer)))
         if not todo:
@@ -369,7 +249,7 @@ class MeterCore:
     def put_customer(self, customer: str, spec: CustomerConfig) -> Flow[None]:
         """Create or replace a customer's entitlement; create its missing balances and keys."""
         yield from self.bootstrap()
-        _check_name(customer, "customer")
+        check_name(customer, "customer")
         # never re-create balances at their starting amount in a slot that lost its data
         yield from self.require_data(self.sentinel(self.keys.partition(customer)))
         yield from self._put_customer(customer, spec, only_if_missing=False)
@@ -385,7 +265,7 @@ class MeterCore:
     ) -> Flow[None]:
         # api_keys, listed: False when the caller stores the keys, or adds the customer to the
         # set of customers, itself (a start does both for many customers at once)
-        _check_name(cid, "customer")
+        check_name(cid, "customer")
         ent = spec.entitlement
         self._check_entitlement(ent.plan, ent.timezone)
         anchor = ent.anchor.isoformat() if ent.anchor else ""
@@ -428,7 +308,7 @@ class MeterCore:
     ) -> Flow[None]:
         """Change a customer's plan (effective now), anchor or timezone; the period usage stays."""
         yield from self.bootstrap()
-        _check_name(customer, "customer")
+        check_name(customer, "customer")
         current = yield from self.entitlement(customer)
         if current is None:
             yield from self.require_data(self.sentinel(self.keys.partition(customer)))
@@ -499,320 +379,25 @@ class MeterCore:
         next check of the revocation count)."""
         self.revocations.observe((yield Command(("INCR", self.keys.revocations))))
 
-    # -- admissions ------------------------------------------------------------------------
+    # -- admissions (core/admissions.py) ---------------------------------------------------
 
-    def admit(
-        self,
-        customer: str,
-        amounts: Mapping[str, int],
-        idempotency_key: str | None = None,
-        *,
-        estimates: Mapping[str, int] | None = None,
-        hold_ttl_ms: int = 300_000,
-        lease_ttl_ms: int | None = None,
-        attempt: str | None = None,
-        operation: str | None = None,
-    ) -> Flow[Decision]:
-        """Decide and record one admission of (metric, amount) pairs, all or nothing.
-
-        `attempt` (from `new_attempt`) names this call for `refund`, also when its reply is lost;
-        `operation` replaces the operation id of `idempotency_key` (HTTP keys use their own)."""
-        ops = {m: ("a", check_amount(v, f"amounts.{m}")) for m, v in amounts.items()}
-        for metric, estimate in (estimates or {}).items():
-            if metric in ops:
-                raise InvalidAmount(f"estimates.{metric}", "the metric is also in amounts")
-            spec = self.config.metrics.get(metric)
-            if spec is not None and spec.type not in ("CumulativeCounter", "TotalCounter"):
-                raise InvalidAmount(f"estimates.{metric}", f"a {spec.type} cannot be estimated")
-            ops[metric] = ("e", check_amount(estimate, f"estimates.{metric}"))
-        if not ops:
-            raise InvalidAmount("amounts", "name at least one metric")
-        return (
-            yield from self._apply(
-                customer,
-                ops,
-                idempotency_key,
-                hold_ttl_ms=hold_ttl_ms,
-                lease_ttl_ms=lease_ttl_ms,
-                op_id=operation,
-                attempt=attempt or self.new_attempt(),
-            )
-        )
-
-    def grant(
-        self, customer: str, amounts: Mapping[str, int], requests: int, ttl_ms: int
-    ) -> Flow[Decision]:
-        """Take a local allowance: hold, as one estimate, up to `requests` requests of `amounts`
-        that stay inside every asset's current tier and above every balance's floor.
-
-        An allowed Decision's ticket holds the allowance (`requests` granted, `estimated` units
-        per metric); a refused one (problem `none`) means the next request goes per request:
-        it meets a boundary, or an asset may not be admitted locally (problem `ineligible`)."""
-        ops = {m: ("g", check_amount(v, f"amounts.{m}", positive=True)) for m, v in amounts.items()}
-        if not ops or requests < 1:
-            raise InvalidAmount("requests", "grant at least one request of one metric")
-        return (
-            yield from self._apply(
-                customer, ops, None, fingerprint=str(requests), hold_ttl_ms=ttl_ms, grant=True
-            )
-        )
+    admit = admissions.admit
+    grant = admissions.grant
+    record = admissions.record
+    settle = admissions.settle
+    refund = admissions.refund
+    _shape = admissions._shape
+    _apply = admissions._apply
 
     def new_attempt(self) -> str:
         """Return a fresh attempt id, unique across processes."""
         return f"{self._ids_prefix}{next(self._ids):x}"
-
-    def record(
-        self, customer: str, metric: str, value: int, idempotency_key: str | None = None
-    ) -> Flow[Decision]:
-        """Record usage outside a request: add, set (Gauge), running total or signed delta."""
-        kind = self._metric_kind(metric)
-        check_amount(value, "value", signed=kind == "UpDownCounter")
-        return (yield from self._apply(customer, {metric: ("r", value)}, idempotency_key))
-
-    def settle(self, ticket: Ticket, actuals: Mapping[str, int] | None = None) -> Flow[Decision]:
-        """Settle what an admission left open: record actual units of estimates, end leases.
-
-        A ticket settles once: settling it again returns the first settlement, whatever the actuals.
-        """
-        actuals = dict(actuals or {})
-        ops: dict[str, tuple[str, int]] = {}
-        for metric, estimate in ticket.estimated.items():
-            actual = actuals.pop(metric, estimate)
-            ops[metric] = ("s", check_amount(actual, f"actuals.{metric}"))
-        for metric in ticket.leased:
-            ops[metric] = ("x", 0)
-        if actuals:
-            raise InvalidAmount(f"actuals.{next(iter(actuals))}", "was not held by this admission")
-        if not ops:
-            return Decision(True, 200, None, ticket.customer)
-        return (
-            yield from self._apply(
-                ticket.customer,
-                ops,
-                None,
-                op_id="s:" + ticket.hold_id,
-                hold_id=ticket.hold_id,
-                plan_name=ticket.plan,
-                fingerprint="settle",
-            )
-        )
-
-    def refund(self, customer: str, attempt: str, operation: str = "") -> Flow[str]:
-        """Undo one admission exactly once, or stop it from happening if it has not arrived yet.
-
-        Returns 'refunded', 'void' (nothing had happened; a late arrival is now refused) or
-        'done' (refunded before). A keyed admission (`operation`) is forgotten, so that a retry
-        with its key is metered as new."""
-        _check_name(customer, "customer")
-        if not attempt:
-            raise InvalidAmount("attempt", "name the admission's attempt")
-        partition = self.keys.partition(customer)
-        undo = self.keys.operation(customer, "u:" + attempt)
-        op_key = self.keys.operation(customer, operation) if operation else undo
-        for _attempt in range(3):
-            record = yield Command(("GET", undo))
-            metrics, balances, window = _undo_names(record)
-            keys = [
-                undo,
-                op_key,
-                self.keys.outbox(partition),
-                self.keys.customer(customer),
-                self.keys.ledger(customer),
-            ]
-            for metric in metrics:
-                keys += self.keys.asset(customer, metric)
-            for name in balances:
-                keys += self.keys.balance(customer, name)
-            keys += (
-                self.keys.usage_window(partition, window),
-                self.keys.usage_open(partition),
-                self.keys.holds(partition),
-            )
-            reply = yield Script(
-                "refund",
-                tuple(keys),
-                (
-                    str(int(self.clock() * 1000)),
-                    str(AUTO_OP_TTL_S),
-                    customer,
-                    str(len(metrics)),
-                    str(len(balances)),
-                    *metrics,
-                    *balances,
-                ),
-            )
-            if reply[0] != "stale":
-                return str(reply[0])
-        raise RuntimeError(f"the admission {attempt!r} keeps changing; try again")
-
-    def _shape(self, customer: str, assets: list[CompiledAsset]) -> _Shape:
-        balances = list(dict.fromkeys(a.balance for a in assets if a.balance))
-        partition = self.keys.partition(customer)
-        asset_keys: list[str] = []
-        asset_args = []
-        for asset in assets:
-            asset_keys += self.keys.asset(customer, asset.metric)
-            index = balances.index(asset.balance) + 1 if asset.balance else 0
-            rest = (str(index), str(len(asset.tiers)), asset.tier_flags, *asset.tier_args)
-            asset_args.append(((asset.metric, asset.kind), rest))
-        for name in balances:
-            asset_keys += self.keys.balance(customer, name)
-        return _Shape(
-            assets=assets,
-            balances=balances,
-            head=(
-                self.keys.operation(customer, ""),
-                self.keys.outbox(partition),
-                self.keys.customer(customer),
-                self.keys.ledger(customer),
-            ),
-            asset_keys=tuple(asset_keys),
-            asset_args=asset_args,
-            tail=(
-                self.keys.usage_open(partition),
-                self.keys.closing(partition),
-                self.keys.holds(partition),
-            ),
-            partition=partition,
-            counts=(str(len(assets)), str(len(balances)), *balances),
-            leases=frozenset(a.metric for a in assets if a.kind == "U"),
-        )
 
     def _metric_kind(self, metric: str) -> str:
         spec = self.config.metrics.get(metric)
         if spec is None:
             raise NotFound(f"metric '{metric}' is not defined")
         return spec.type
-
-    def _apply(
-        self,
-        customer: str,
-        ops: Mapping[str, tuple[str, int]],
-        idempotency_key: str | None,
-        *,
-        op_id: str | None = None,
-        hold_id: str | None = None,
-        plan_name: str | None = None,
-        fingerprint: str | None = None,
-        hold_ttl_ms: int = 300_000,
-        lease_ttl_ms: int | None = None,
-        attempt: str = "",
-        grant: bool = False,
-    ) -> Flow[Decision]:
-        if not self._bootstrapped:
-            yield from self.bootstrap()
-        if op_id is None:
-            # Without a key the caller will not retry, and the script keeps no operation record.
-            op_id = f"k:{idempotency_key}" if idempotency_key else ""
-        ttl = KEYED_OP_TTL_S if idempotency_key or hold_id or op_id else AUTO_OP_TTL_S
-        hold_id = hold_id or op_id or f"a:{attempt or self.new_attempt()}"
-        if fingerprint is None:
-            # the fingerprint only matters to an operation record
-            fingerprint = (
-                "|".join(f"{m}:{mode}:{v}" for m, (mode, v) in sorted(ops.items())) if op_id else ""
-            )
-        for _attempt in range(3):
-            ent = self._entitlements.get(customer)
-            if ent is None:
-                ent = yield from self.entitlement(customer)
-            if ent is None:
-                return Decision(
-                    False, 401, "unauthenticated", customer, detail=f"unknown customer '{customer}'"
-                )
-            shape_key = (plan_name or ent.plan, tuple(ops))
-            shape = ent.shapes.get(shape_key)
-            if shape is None:
-                plan = self.plans.get(shape_key[0], {})
-                missing = [m for m in ops if m not in plan]
-                if missing:
-                    return Decision(
-                        False,
-                        403,
-                        "not-entitled",
-                        customer,
-                        metric=missing[0],
-                        detail=f"plan '{ent.plan}' has no configuration for metric '{missing[0]}'",
-                    )
-                shape = ent.shapes[shape_key] = self._shape(customer, [plan[m] for m in ops])
-            assets, balances = shape.assets, shape.balances
-            if grant and not all(a.local for a in assets):
-                return Decision(False, 0, "ineligible", customer)
-            now_s = self.clock()
-            now_ms = int(now_s * 1000)
-            keys = [*shape.head]
-            if op_id:
-                keys[0] = self.keys.operation(customer, op_id)
-            args = [
-                str(now_ms),
-                op_id,
-                fingerprint,
-                str(ttl),
-                customer,
-                ent.version,
-                hold_id,
-                str(now_ms + hold_ttl_ms),
-                str(now_ms + (lease_ttl_ms or self.default_lease_ms)),
-                *shape.counts,
-            ]
-            windows: list[tuple[int, int] | None] = []
-            for asset, (named, rest) in zip(assets, shape.asset_args, strict=True):
-                mode, amount = ops[asset.metric]
-                if asset.period:
-                    ps, pe, period_args = ent.window(asset.period, now_s)
-                    windows.append((ps, pe))
-                    args += (*named, mode, str(amount), *period_args, *rest)
-                else:
-                    windows.append(None)
-                    args += (*named, mode, str(amount), "0", "0", "", "", *rest)
-            keys += shape.asset_keys
-            interval_ms = self.config.usage_report_interval
-            window_start = now_ms - now_ms % interval_ms
-            if shape.window[0] != window_start:
-                shape.window = (
-                    window_start,
-                    self.keys.usage_window(shape.partition, window_start),
-                    (str(window_start), str(window_start + interval_ms)),
-                )
-            keys.append(shape.window[1])
-            keys += shape.tail
-            keys.append(self.keys.operation(customer, "u:" + attempt) if attempt else keys[0])
-            args += shape.window[2]
-            args.append(attempt)
-            reply = wire.decode_admit((yield Script("admit", tuple(keys), tuple(args))))
-            if isinstance(reply, tuple):
-                kind, detail = reply
-                if kind == "stale":
-                    self._entitlements.pop(customer, None)
-                    continue
-                if kind == "void":  # this attempt was refunded before it arrived
-                    return Decision(False, 503, "metering-unavailable", customer)
-                # this attempt was already applied (its reply was lost): its ticket settles it
-                done = Ticket(
-                    customer, plan_name or ent.plan, detail or hold_id, {}, {}, attempt=attempt
-                )
-                return Decision(True, 200, None, customer, detail=ALREADY_APPLIED, ticket=done)
-            if grant:
-                return _granted(
-                    customer, ent.plan, hold_id, ops, assets, windows, balances, reply, now_s
-                )
-            if reply.status == "402" and reply.empty_balance:
-                # 402 for a balance that may be missing: only when its slot kept its data
-                yield from self.require_data(self.sentinel(self.keys.partition(customer)))
-            ticket = None
-            leased = {m: ops[m][1] for m in shape.leases if ops[m][0] == "a"}
-            estimated = {m: v for m, (mode, v) in ops.items() if mode == "e"}
-            if leased or estimated or attempt:
-                ticket = Ticket(
-                    customer,
-                    plan_name or ent.plan,
-                    hold_id,
-                    estimated,
-                    leased,
-                    attempt=attempt,
-                    operation=op_id,
-                )
-            return _decision(customer, assets, windows, balances, reply, now_s, ticket)
-        raise RuntimeError(f"the entitlement of '{customer}' keeps changing; try again")
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -846,7 +431,9 @@ class MeterCore:
             window = (ps, pe)
             if asset.kind in "CT" and read.period_start_ms < ps * 1000:
                 value, level, overage = 0, 0, 0
-        return _usage(asset, value, read.pending, level, overage, read.suspended, window, -1)
+        return admissions.usage_of(
+            asset, value, read.pending, level, overage, read.suspended, window, -1
+        )
 
     def suspend_asset(
         self, customer: str, metric: str, *, resume: bool = False
@@ -879,372 +466,14 @@ class MeterCore:
         )
         return (yield from self.usage(customer, metric))
 
-    def ledger(
-        self, customer: str, limit: int = 100, *, offset: int | None = None
-    ) -> Flow[list[dict[str, Any]]]:
-        """Return the customer's balance mutations, newest first.
+    # -- balances and the ledger (core/balances.py) ----------------------------------------
 
-        Usage charges appear as one `usage` line per balance and usage report window, with the
-        number of charges in `count`; a window still open is read from its balance. With an
-        `offset` (a page of `limit` stored lines), the open windows' lines come on top of the
-        first page, which may then hold more than `limit` lines.
-        """
-        check_amount(limit, "limit", positive=True)
-        count = min(limit, LEDGER_LIMIT)
-        first = offset or 0
-        rows, fields = yield Batch(
-            (
-                ("LRANGE", self.keys.ledger(customer), str(first), str(first + count - 1)),
-                ("HGETALL", self.keys.customer(customer)),
-            )
-        )
-        entries = [json.loads(row) for row in rows]
-        names = sorted(f[3:] for f in fields or {} if f.startswith("lu:") and not first)
-        if names:
-            pending = yield Batch(
-                tuple(
-                    ("HMGET", self.keys.balance(customer, name)[0], *_USAGE_LINE) for name in names
-                )
-            )
-            for name, line in zip(names, pending, strict=True):
-                if line[0] is not None:
-                    _insert_by_time(entries, _usage_line(name, line))
-        return entries if offset is not None else entries[:count]
-
-    # -- balances --------------------------------------------------------------------------
-
-    def _create_balance(
-        self, customer: str, name: str, spec: BalanceConfig, *, keep_settings: bool = False
-    ) -> Flow[BalanceState]:
-        """Create a balance; update an existing one's settings unless `keep_settings` (at start,
-        the config must not undo overage or low_at changed at runtime)."""
-        _check_name(name, "balance")
-        low = "" if spec.low_at is None else str(spec.low_at)
-        return (
-            yield from self._balance_op(
-                customer,
-                name,
-                "create",
-                spec.amount,
-                extra=(spec.unit, str(spec.overage), low, "1" if keep_settings else "0"),
-                op_id=f"create:{name}",
-            )
-        )
-
-    def create_balance(self, customer: str, name: str, spec: BalanceConfig) -> Flow[BalanceState]:
-        """Create a balance with its starting amount, or update the settings of an existing one."""
-        yield from self.bootstrap()
-        yield from self.require_data(self.sentinel(self.keys.partition(customer)))
-        return (yield from self._create_balance(customer, name, spec))
-
-    def balance_op(
-        self,
-        customer: str,
-        name: str,
-        op: str,
-        amount: int = 0,
-        idempotency_key: str | None = None,
-    ) -> Flow[BalanceState]:
-        """Apply topup, withdraw, suspend, resume or read to a balance, once per operation id."""
-        yield from self.bootstrap()
-        if op in ("topup", "withdraw"):
-            check_amount(amount, "amount", positive=True)
-        return (yield from self._balance_op(customer, name, op, amount, idempotency_key))
-
-    def reserve(
-        self,
-        customer: str,
-        name: str,
-        amount: int,
-        ttl_s: int,
-        idempotency_key: str | None = None,
-    ) -> Flow[tuple[str, int]]:
-        """Hold `amount` on a balance for `ttl_s` s; return (reservation id, expiry epoch s).
-
-        With an idempotency key, the reservation id derives from it and the script decides
-        duplicates atomically: any number of concurrent retries make one reservation."""
-        yield from self.bootstrap()
-        check_amount(amount, "amount", positive=True)
-        check_amount(ttl_s, "ttl_s", positive=True)
-        rid = self.reservation_id(customer, name, idempotency_key)
-        expires_ms = int(self.clock() * 1000) + ttl_s * 1000
-        reply: list[str] = []
-        yield from self._balance_op(
-            customer,
-            name,
-            "reserve",
-            amount,
-            idempotency_key,
-            rid=rid,
-            expiry_ms=expires_ms,
-            fingerprint=f"reserve:{name}:{amount}:{ttl_s}",
-            reply_out=reply,
-        )
-        if len(reply) > 10:
-            expires_ms = int(reply[10])
-        return rid, math.ceil(expires_ms / 1000)
-
-    def reservation_id(self, customer: str, name: str, idempotency_key: str | None) -> str:
-        """Return the id of a reservation: derived from its idempotency key, else random."""
-        nonce = None
-        if idempotency_key:
-            nonce = hashlib.sha256(f"{customer}\x1f{idempotency_key}".encode()).hexdigest()[:16]
-        return _encode_rid(customer, name, nonce)
-
-    def cancel_reservation(self, customer: str, name: str, idempotency_key: str) -> Flow[str]:
-        """Undo the reservation made (or still on its way) with `idempotency_key` whose reply was
-        lost: release its hold, or void it if it has not arrived. Returns 'voided', 'released'
-        or 'closed' (it was committed, released or expired meanwhile)."""
-        yield from self.bootstrap()
-        rid = self.reservation_id(customer, name, idempotency_key)
-        reply: list[str] = []
-        try:
-            yield from self._balance_op(
-                customer,
-                name,
-                "cancel",
-                0,
-                idempotency_key,
-                rid=rid,
-                fingerprint="cancel",
-                reply_out=reply,
-            )
-        except Conflict:
-            return "closed"
-        return "voided" if reply[1] == "voided" else "released"
-
-    def close_reservation(
-        self, rid: str, op: str, amount: int = 0, idempotency_key: str | None = None
-    ) -> Flow[BalanceState]:
-        """Commit (charge `amount`, release the rest) or release a reservation, exactly once.
-
-        A second close raises Conflict `reservation-closed`; pass an idempotency key to make a
-        retry after a timeout return the first result instead."""
-        yield from self.bootstrap()
-        customer, name = _decode_rid(rid)
-        if op == "commit":
-            check_amount(amount, "amount")
-        return (yield from self._balance_op(customer, name, op, amount, idempotency_key, rid=rid))
-
-    def _balance_op(
-        self,
-        customer: str,
-        name: str,
-        op: str,
-        amount: int,
-        idempotency_key: str | None = None,
-        *,
-        rid: str = "",
-        expiry_ms: int = 0,
-        extra: tuple[str, ...] = ("", "0", ""),
-        op_id: str | None = None,
-        fingerprint: str | None = None,
-        reply_out: list[str] | None = None,
-    ) -> Flow[BalanceState]:
-        if op_id is None:
-            op_id = f"k:{idempotency_key}" if idempotency_key else f"a:{uuid.uuid4().hex}"
-        if fingerprint is None:
-            # every parameter: the same key on another reservation is a conflict, not a replay
-            fingerprint = f"{op}:{name}:{amount}:{rid}"
-        bkey, bxkey = self.keys.balance(customer, name)
-        reply = yield Script(
-            "balance",
-            (
-                self.keys.operation(customer, op_id),
-                self.keys.outbox(self.keys.partition(customer)),
-                self.keys.customer(customer),
-                self.keys.ledger(customer),
-                bkey,
-                bxkey,
-                self.keys.holds(self.keys.partition(customer)),
-            ),
-            (
-                str(int(self.clock() * 1000)),
-                op_id,
-                fingerprint,
-                str(KEYED_OP_TTL_S),
-                customer,
-                op,
-                name,
-                str(amount),
-                rid,
-                str(expiry_ms),
-                *extra,
-            ),
-        )
-        status, slug = reply[0], reply[1]
-        if reply_out is not None:
-            reply_out[:] = reply
-        if status == "404":
-            yield from self.require_data(self.sentinel(self.keys.partition(customer)))
-            raise NotFound(f"balance '{name}' of customer '{customer}' does not exist")
-        if status == "409":
-            messages = {
-                "insufficient-credits": f"withdrawing {amount} would take '{name}' below 0",
-                "reservation-closed": f"reservation {rid} was committed, released or expired",
-                "idempotency-conflict": "this idempotency key was used with different parameters",
-            }
-            raise Conflict(slug, messages.get(slug, slug))
-        read = wire.decode_balance(reply)
-        state = BalanceState(
-            name=name,
-            amount=read.amount,
-            held=read.held,
-            available=read.available,
-            overage=read.overage,
-            unit=read.unit,
-            suspended=read.suspended,
-            low_at=read.low_at,
-        )
-        if status != "200":
-            raise Conflict(slug, _PROBLEM_DETAIL.get(slug, slug), status=int(status), state=state)
-        return state
-
-
-_USAGE_LINE = ("uw", "ud", "un", "ut", "ua", "uh")
-
-
-def _undo_names(record: str | None) -> tuple[list[str], list[str], int]:
-    """The metrics, balances and usage window of an admission's undo record (see admit.lua)."""
-    if not record or not record.startswith("done\x1f"):
-        return [], [], 0
-    fields = record.split("\x1f")
-    n = int(fields[3])
-    metrics = [fields[4 + 9 * i] for i in range(n)]
-    q = 4 + 9 * n
-    balances = [fields[q + 1 + 3 * j] for j in range(int(fields[q]))]
-    return metrics, balances, int(fields[2])
-
-
-def _usage_line(balance: str, fields: list[str]) -> dict[str, Any]:
-    """The ledger line of a usage window still open in a balance hash (see lib.lua flush_usage)."""
-    window, delta, count, at, amount, held = (int(f) for f in fields)
-    return {
-        "op": f"usage:{window}",
-        "kind": "usage",
-        "balance": balance,
-        "delta": delta,
-        "amount": amount,
-        "held": held,
-        "time": at,
-        "count": count,
-        "window": window,
-    }
-
-
-def _insert_by_time(entries: list[dict[str, Any]], line: dict[str, Any]) -> None:
-    """Put `line` before the first entry not newer than it, keeping the stored order otherwise."""
-    for i, entry in enumerate(entries):
-        if entry["time"] <= line["time"]:
-            entries.insert(i, line)
-            return
-    entries.append(line)
-
-
-def _granted(
-    customer: str,
-    plan: str,
-    hold_id: str,
-    ops: Mapping[str, tuple[str, int]],
-    assets: list[CompiledAsset],
-    windows: list[tuple[int, int] | None],
-    balances: list[str],
-    reply: wire.AdmitReply,
-    now_s: float,
-) -> Decision:
-    """A grant's decision: the admission's, with the requests granted in retry-after's place and
-    each balance's credits held by the grant in the place of its total held."""
-    if reply.status != "200":
-        return Decision(False, 0, reply.slug or "none", customer)
-    requests = reply.retry_ms
-    estimated = {m: requests * per for m, (_mode, per) in ops.items()}
-    held = {name: b.held for name, b in zip(balances, reply.balances, strict=True)}
-    ticket = Ticket(customer, plan, hold_id, estimated, {}, requests=requests, held=held)
-    admitted = dataclasses.replace(reply, retry_ms=-1)
-    return _decision(customer, assets, windows, balances, admitted, now_s, ticket)
-
-
-def _usage(
-    asset: CompiledAsset,
-    value: int,
-    pending: int,
-    level: int,
-    overage: int,
-    suspended: bool,
-    window: tuple[int, int] | None,
-    throttle_remaining: int,
-) -> AssetUsage:
-    tier = asset.tier_index(value)
-    limit = asset.limits[tier]
-    remaining = None if limit is None else max(0, limit - value - pending)
-    throttle = None
-    rate = asset.tiers[tier].rate
-    if rate is not None and throttle_remaining >= 0:
-        throttle = Throttle(rate.limit, max(1, rate.per // 1000), throttle_remaining)
-    return AssetUsage(
-        metric=asset.metric,
-        value=value,
-        pending=pending,
-        level=LEVELS[level],
-        policy=asset.tiers[tier].policy,
-        limit=limit,
-        remaining=remaining,
-        overage=overage,
-        suspended=suspended,
-        period_start=window[0] if window else None,
-        period_end=window[1] if window else None,
-        throttle=throttle,
-        concurrent=asset.kind == "U",
-    )
-
-
-def _decision(
-    customer: str,
-    assets: list[CompiledAsset],
-    windows: list[tuple[int, int] | None],
-    balances: list[str],
-    reply: wire.AdmitReply,
-    now_s: float,
-    ticket: Ticket | None,
-) -> Decision:
-    status = int(reply.status)
-    slug = reply.slug or None
-    if status == 409:
-        return Decision(False, 409, slug, customer, detail=_PROBLEM_DETAIL[str(slug)])
-    retry_ms, refused = reply.retry_ms, reply.refused
-    usages: dict[str, AssetUsage] = {}
-    top = 0
-    for asset, state, window in zip(assets, reply.assets, windows, strict=True):
-        usages[asset.metric] = _usage(
-            asset,
-            state.value,
-            state.pending,
-            state.level,
-            state.overage,
-            state.suspended,
-            window,
-            state.throttle,
-        )
-        top = max(top, state.level)
-    available = {name: b.available for name, b in zip(balances, reply.balances, strict=True)}
-    metric = assets[refused - 1].metric if refused else None
-    refused_by = None
-    if refused and slug == "quota-exceeded" and metric is not None:
-        tier = assets[refused - 1].quota_tier(usages[metric].value)
-        refused_by = (tier.level, tier.policy) if tier else None
-    detail = _PROBLEM_DETAIL.get(slug or "", "").format(metric=metric) or None
-    retry = None if retry_ms < 0 else max(1, math.ceil(retry_ms / 1000))
-    return Decision(
-        allowed=status == 200,
-        status=status,
-        problem=slug,
-        customer=customer,
-        level=LEVELS[top],
-        retry_after=retry,
-        metric=metric,
-        detail=detail,
-        assets=usages,
-        balances=available,
-        ticket=ticket if status == 200 else None,
-        refused_by=refused_by,
-    )
+    ledger = balances.ledger
+    _create_balance = balances._create_balance
+    create_balance = balances.create_balance
+    balance_op = balances.balance_op
+    reserve = balances.reserve
+    reservation_id = balances.reservation_id
+    cancel_reservation = balances.cancel_reservation
+    close_reservation = balances.close_reservation
+    _balance_op = balances._balance_op
