@@ -127,12 +127,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 BACKENDS = ["memory", "redis", "cluster"]
 
 
-@pytest.fixture(params=BACKENDS)
-def storage_url(request: pytest.FixtureRequest) -> str:
-    """A fresh, empty storage URL: embedded, a flushed real redis-server, or a flushed Cluster."""
-    if request.param == "memory":
+def fresh_storage(request: pytest.FixtureRequest, backend: str) -> str:
+    """A fresh, empty storage URL of `backend`: embedded, a flushed real redis-server, or a
+    flushed Cluster."""
+    if backend == "memory":
         return f"memory://test-{uuid.uuid4().hex}"
-    if request.param == "cluster":
+    if backend == "cluster":
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
         return cluster.url
@@ -141,6 +141,18 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     client.flushall()
     client.close()
     return server.url
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty storage URL: embedded, a flushed real redis-server, or a flushed Cluster."""
+    return fresh_storage(request, request.param)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_storage(request: pytest.FixtureRequest) -> str:
+    """A flushed real Redis or Cluster: storage that several processes can share."""
+    return fresh_storage(request, request.param)
 
 
 class Clock:

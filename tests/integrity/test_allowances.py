@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from tests.builders import asset, counters, customer, gateway, plan, tier
 
-from conftest import RedisCluster, RedisProcess, with_storage
+from conftest import with_storage
 from metergate import AsyncMeter, Meter
 
 LIMIT = 300
@@ -38,20 +38,6 @@ def _config(url: str, *, limit: int = LIMIT, credits: int = 1_000_000, **allowan
         allowances={"enabled": True, "flush_ms": 50, "ttl": "1s", **allowances},
     )
     return with_storage(config, url)
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    """A flushed real redis-server or Redis Cluster: storage that several processes share."""
-    if request.param == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        cluster.flush()
-        return cluster.url
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    client = server.client()
-    client.flushall()
-    client.close()
-    return server.url
 
 
 def _hammer(config: dict, start: Any, out: Any) -> None:
@@ -78,13 +64,13 @@ def _hammer(config: dict, start: Any, out: Any) -> None:
 
 
 @pytest.mark.parametrize("bound", ["quota", "balance"])
-def test_four_processes_admit_exactly_the_limit(shared_url: str, bound: str) -> None:
+def test_four_processes_admit_exactly_the_limit(shared_storage: str, bound: str) -> None:
     """Four processes hammering one Deny limit (or one balance) admit exactly it, no more, no
     less: allowances never pass the boundary, and every unit they held comes back."""
     if bound == "quota":
-        config = _config(shared_url)
+        config = _config(shared_storage)
     else:
-        config = _config(shared_url, limit=10 * LIMIT, credits=LIMIT)
+        config = _config(shared_storage, limit=10 * LIMIT, credits=LIMIT)
     Meter(config).close()  # the customer is created once, before the race
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
@@ -123,12 +109,12 @@ KILLED = textwrap.dedent(
 )
 
 
-def test_a_killed_process_never_charges_what_it_did_not_settle(shared_url: str) -> None:
+def test_a_killed_process_never_charges_what_it_did_not_settle(shared_storage: str) -> None:
     """SIGKILL between flushes: the units given since the last flush are never charged (the
     customer's favour), and the allowance's hold returns to the quota and balance after `ttl`."""
     import json
 
-    config = _config(shared_url, flush_ms=600_000)  # no flush before the kill
+    config = _config(shared_storage, flush_ms=600_000)  # no flush before the kill
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED, json.dumps(config)],
         stdout=subprocess.PIPE,
@@ -156,10 +142,10 @@ def test_a_killed_process_never_charges_what_it_did_not_settle(shared_url: str) 
             proc.stdout.close()
 
 
-def test_shutdown_settles_what_was_given(shared_url: str) -> None:
+def test_shutdown_settles_what_was_given(shared_storage: str) -> None:
     """Closing a meter settles its allowances: every request given is counted and charged, and
     what was not given returns at once."""
-    config = _config(shared_url, flush_ms=600_000)
+    config = _config(shared_storage, flush_ms=600_000)
     meter = Meter(config)
     for _ in range(7):
         decision = meter.admit_request(CUSTOMER, {"calls": 1})
@@ -174,10 +160,10 @@ def test_shutdown_settles_what_was_given(shared_url: str) -> None:
     assert balance.held == 0 and balance.amount == 1_000_000 - 7
 
 
-def test_a_refunded_request_from_an_allowance_is_never_charged(shared_url: str) -> None:
+def test_a_refunded_request_from_an_allowance_is_never_charged(shared_storage: str) -> None:
     """A request given in process and then refunded (its response was a 5xx) goes back to the
     allowance: the settlement counts only the others."""
-    asyncio.run(_refunded(_config(shared_url, flush_ms=600_000)))
+    asyncio.run(_refunded(_config(shared_storage, flush_ms=600_000)))
 
 
 async def _refunded(config: dict[str, Any]) -> None:
@@ -199,10 +185,10 @@ async def _refunded(config: dict[str, Any]) -> None:
 
 
 def test_the_headers_of_a_request_from_an_allowance_are_a_per_request_admissions(
-    shared_url: str,
+    shared_storage: str,
 ) -> None:
     """Remaining and balance count down one request at a time, as storage would say."""
-    config = _config(shared_url, flush_ms=600_000)
+    config = _config(shared_storage, flush_ms=600_000)
     with Meter(config) as meter:
         seen = []
         for _ in range(6):
@@ -227,12 +213,12 @@ EXITS = textwrap.dedent(
 )
 
 
-def test_a_process_that_exits_without_closing_settles_at_exit(shared_url: str) -> None:
+def test_a_process_that_exits_without_closing_settles_at_exit(shared_storage: str) -> None:
     """A WSGI worker recycled by its server never closes its Meter: what it gave is settled at
     interpreter exit all the same."""
     import json
 
-    config = _config(shared_url, flush_ms=600_000)
+    config = _config(shared_storage, flush_ms=600_000)
     subprocess.run(
         [sys.executable, "-c", EXITS, json.dumps(config)],
         check=True,

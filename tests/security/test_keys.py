@@ -11,7 +11,6 @@ import pytest
 from tests.adapters.harness import serve_asgi
 from tests.security.conftest import KEY, OTHER_KEY, Gateway, config, serve, upstream
 
-from conftest import RedisCluster, RedisProcess
 from metergate import create_app
 from metergate.admin import admin_app
 from metergate.config import hash_api_key
@@ -62,20 +61,6 @@ def test_a_revoked_configured_key_is_refused_at_once(gateway: Gateway) -> None:
     key_id = hash_api_key(KEY).removeprefix("sha256:")[:16]
     assert gateway.admin_call("DELETE", f"/v1/customers/acme/api-keys/{key_id}").status_code == 204
     assert gateway.get("/v1/hello").status_code == 401
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def shared_storage(request: pytest.FixtureRequest) -> str:
-    """A flushed real Redis or Cluster that two processes can share."""
-    if request.param == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        cluster.flush()
-        return cluster.url
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    client = server.client()
-    client.flushall()
-    client.close()
-    return server.url
 
 
 def test_another_process_refuses_a_revoked_key_within_a_second(
